@@ -1,0 +1,31 @@
+"""fgr_tf: Flow Gradient Regularization for TensorFlow / Keras.
+
+Xia & Li, "Improving Resistance to Adversarial Deformations by Regularizing
+Gradients", Neurocomputing 455 (2021).
+"""
+
+from fgr_tf import distribute
+from fgr_tf import models
+from fgr_tf.model import FGRModel
+from fgr_tf.regularizers import flow_gradient_penalty
+from fgr_tf.regularizers import input_gradient_penalty
+from fgr_tf.warp import dense_image_warp
+from fgr_tf.warp import normalized_to_pixel_flow
+from fgr_tf.warp import pixel_flow_gradient_to_normalized
+from fgr_tf.warp import pixel_to_normalized_flow
+from fgr_tf.warp import random_deform
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FGRModel",
+    "dense_image_warp",
+    "distribute",
+    "flow_gradient_penalty",
+    "input_gradient_penalty",
+    "models",
+    "normalized_to_pixel_flow",
+    "pixel_flow_gradient_to_normalized",
+    "pixel_to_normalized_flow",
+    "random_deform",
+]
