@@ -5,14 +5,20 @@ import tensorflow as tf
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 
 
-def get_strategy(name="auto", tpu_address=""):
+def get_strategy(name="auto", devices=None, tpu_address=""):
   """Returns a tf.distribute.Strategy.
 
   Args:
     name: "auto" (MirroredStrategy over all GPUs when there are several,
-      else the default one-device strategy), "default", "mirrored" (all
-      local GPUs, or the CPU), "multi_worker" (MultiWorkerMirroredStrategy
-      configured from the TF_CONFIG environment variable), or "tpu".
+      else the default one-device strategy), "default", "mirrored",
+      "multi_worker" (MultiWorkerMirroredStrategy configured from the
+      TF_CONFIG environment variable), or "tpu".
+    devices: for "mirrored", the device names; default all GPUs, or all
+      logical CPUs when there is no GPU. On CPUs the replicas reduce through
+      one device (`tf.distribute.ReductionToOneDevice`): TF's collective
+      all-reduce between logical CPUs fails with "Shape mismatch in the
+      collective instance" as soon as a model all-reduces inside the step
+      (synchronized BatchNorm), even with plain Keras training.
     tpu_address: TPU name or grpc address for "tpu" ("" = local / Colab).
 
   Raises:
@@ -27,7 +33,15 @@ def get_strategy(name="auto", tpu_address=""):
   if name == "default":
     return tf.distribute.get_strategy()
   if name == "mirrored":
-    return tf.distribute.MirroredStrategy()
+    if devices is None:
+      devices = [d.name for d in tf.config.list_logical_devices("GPU")]
+      devices = devices or [d.name for d in
+                            tf.config.list_logical_devices("CPU")]
+    on_cpu = all("CPU" in d.upper() for d in devices)
+    return tf.distribute.MirroredStrategy(
+        devices,
+        cross_device_ops=tf.distribute.ReductionToOneDevice() if on_cpu
+        else None)
   if name == "multi_worker":
     return tf.distribute.MultiWorkerMirroredStrategy()
   resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_address)

@@ -84,6 +84,14 @@ class FGRModel(keras.Model):
                         if self.fgr_lambda > 0 else None)
     self.igr_tracker = (keras.metrics.Mean(name="igr_penalty")
                         if self.igr_lambda > 0 else None)
+    # The training step calls the backbone, never `self`: mark the wrapper
+    # built whenever the backbone is, so that saving sees its weights.
+    self.built = backbone.built
+
+  def build(self, input_shape):
+    if not self.backbone.built:
+      self.backbone.build(input_shape)
+    self.built = True
 
   def call(self, inputs, training=False):
     return self.backbone(inputs, training=training)
@@ -103,6 +111,13 @@ class FGRModel(keras.Model):
                          tf.config.list_logical_devices("TPU"))
     super().compile(optimizer=optimizer, loss=loss, jit_compile=jit_compile,
                     **kwargs)
+
+  def compile_from_config(self, config):
+    # keras skips compile_from_config for models that override compile().
+    config = keras.saving.deserialize_keras_object(config)
+    self.compile(**config)
+    if self.built:
+      self.optimizer.build(self.trainable_variables)
 
   def _replica_info(self, local_batch):
     """(replica context or None, number of replicas, global batch size)."""

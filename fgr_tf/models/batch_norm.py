@@ -21,7 +21,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
   Same arguments, weights and behaviour; in training mode the batch mean and
   (biased) variance are computed without `stop_gradient`. Synchronized and
-  masked statistics use Keras's own code, which has no `stop_gradient`.
+  masked statistics use Keras's own code, which has no `stop_gradient`
+  (synchronized: E[x^2] - E[x]^2 over all replicas).
   """
 
   def _moments(self, inputs, mask):

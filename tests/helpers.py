@@ -1,0 +1,34 @@
+"""Tiny models and data for fast tests."""
+
+import keras
+import numpy as np
+
+import fgr_tf
+
+
+def tiny_data(n=8, size=8, channels=2, classes=3, seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.uniform(size=(n, size, size, channels)).astype(np.float32)
+  labels = rng.integers(0, classes, size=n).astype(np.int32)
+  return images, labels
+
+
+def tiny_backbone(size=8, channels=2, classes=3, batch_norm=True,
+                  sync_batchnorm=False, seed=0):
+  """conv-(BN)-relu-pool-dense; small enough for per-test compilation."""
+  keras.utils.set_random_seed(seed)
+  factory = fgr_tf.models.layers.LayerFactory(sync_batchnorm=sync_batchnorm)
+  inputs = keras.Input((size, size, channels))
+  x = factory.conv(4, "conv0")(inputs)
+  if batch_norm:
+    x = factory.batch_norm("bn0")(x)
+  x = factory.relu()(x)
+  x = factory.max_pool()(x)
+  x = keras.layers.Flatten()(x)
+  return keras.Model(inputs, factory.dense(classes, "dense")(x))
+
+
+def copy_of(model):
+  clone = keras.models.clone_model(model)
+  clone.set_weights(model.get_weights())
+  return clone

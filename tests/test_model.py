@@ -1,0 +1,170 @@
+"""FGRModel: the training step, logs, serialization, validation."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import fgr_tf
+from fgr_tf import regularizers
+from helpers import copy_of, tiny_backbone, tiny_data
+
+LR = 0.1
+
+
+def sgd():
+  return keras.optimizers.SGD(LR)
+
+
+def fit_one_step(model, images, labels):
+  return model.fit(images, labels, batch_size=len(images), epochs=1,
+                   shuffle=False, verbose=0).history
+
+
+def test_zero_lambda_zero_sigma_equals_plain_keras_update():
+  images, labels = tiny_data()
+  backbone = tiny_backbone()
+  plain = copy_of(backbone)
+  plain.compile(optimizer=keras.optimizers.SGD(LR, momentum=0.9),
+                loss=keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True))
+  model = fgr_tf.FGRModel(backbone, fgr_lambda=0.0, rs_sigma=0.0)
+  model.compile(optimizer=keras.optimizers.SGD(LR, momentum=0.9))
+  for _ in range(2):
+    fit_one_step(plain, images, labels)
+    history = fit_one_step(model, images, labels)
+  for ours, theirs in zip(model.backbone.get_weights(), plain.get_weights()):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+  assert set(history) == {"loss", "ce"}
+
+
+@pytest.mark.parametrize("fgr_lambda,igr_lambda", [(300.0, 0.0), (0.0, 50.0),
+                                                   (100.0, 20.0)])
+def test_step_applies_gradient_of_ce_plus_penalties(fgr_lambda, igr_lambda):
+  images, labels = tiny_data()
+  backbone = tiny_backbone()
+  reference = copy_of(backbone)
+  with tf.GradientTape() as tape:
+    ce, fgr = fgr_tf.flow_gradient_penalty(reference, images, labels)
+    _, igr = fgr_tf.input_gradient_penalty(reference, images, labels)
+    total = ce + fgr_lambda * fgr + igr_lambda * igr
+  grads = tape.gradient(total, reference.trainable_variables)
+  expected = [w - LR * g for w, g in zip(reference.trainable_variables,
+                                         grads)]
+
+  model = fgr_tf.FGRModel(backbone, fgr_lambda=fgr_lambda, rs_sigma=0.0,
+                          igr_lambda=igr_lambda)
+  model.compile(optimizer=sgd(), metrics=["accuracy"])
+  logs = fit_one_step(model, images, labels)
+  for variable, want in zip(model.backbone.trainable_variables, expected):
+    # atol: the conv bias before BatchNorm has a zero gradient up to float32
+    # round-off (~1e-5, times lambda).
+    np.testing.assert_allclose(variable.numpy(), want, rtol=1e-5, atol=2e-5)
+  np.testing.assert_allclose(logs["ce"][0], ce, rtol=1e-5)
+  np.testing.assert_allclose(logs["loss"][0], total, rtol=1e-5)
+  if fgr_lambda:
+    np.testing.assert_allclose(logs["fgr_penalty"][0], fgr, rtol=1e-5)
+    assert fgr > 0
+  else:
+    assert "fgr_penalty" not in logs
+  if igr_lambda:
+    np.testing.assert_allclose(logs["igr_penalty"][0], igr, rtol=1e-5)
+  assert "accuracy" in logs
+
+
+def test_random_start_changes_the_update_and_is_seeded():
+  images, labels = tiny_data()
+  backbone = tiny_backbone()
+
+  def trained(rs_sigma, seed):
+    model = fgr_tf.FGRModel(copy_of(backbone), fgr_lambda=100.0,
+                            rs_sigma=rs_sigma, seed=seed)
+    model.compile(optimizer=sgd())
+    fit_one_step(model, images, labels)
+    return model.backbone.get_weights()[0]
+
+  without = trained(0.0, 0)
+  with_rs = trained(0.05, 0)
+  assert not np.allclose(without, with_rs, atol=1e-7)
+  np.testing.assert_array_equal(with_rs, trained(0.05, 0))
+  assert not np.array_equal(with_rs, trained(0.05, 1))
+
+
+def test_adversary_supplies_the_training_inputs():
+  images, labels = tiny_data()
+  backbone = tiny_backbone()
+  calls = []
+
+  def flip(model, batch, batch_labels):
+    calls.append(model)
+    return tf.reverse(batch, axis=[2])
+
+  model = fgr_tf.FGRModel(copy_of(backbone), rs_sigma=0.0, adversary=flip)
+  model.compile(optimizer=sgd())
+  fit_one_step(model, images, labels)
+  plain = fgr_tf.FGRModel(copy_of(backbone), rs_sigma=0.0)
+  plain.compile(optimizer=sgd())
+  fit_one_step(plain, images[:, :, ::-1], labels)
+  assert calls and calls[0] is model.backbone
+  for ours, theirs in zip(model.get_weights(), plain.get_weights()):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_and_predict_use_the_backbone():
+  images, labels = tiny_data()
+  model = fgr_tf.FGRModel(tiny_backbone(), fgr_lambda=10.0)
+  model.compile(optimizer=sgd(), metrics=["accuracy"])
+  fit_one_step(model, images, labels)
+  logits = model.backbone(images, training=False)
+  np.testing.assert_allclose(model.predict(images, verbose=0), logits,
+                             rtol=1e-5, atol=1e-6)
+  results = model.evaluate(images, labels, verbose=0, return_dict=True)
+  assert set(results) == {"loss", "accuracy"}
+  ce = regularizers.sparse_ce_sum(logits, labels) / len(labels)
+  np.testing.assert_allclose(results["loss"], ce, rtol=1e-5)
+
+
+def test_save_and_load_round_trip(tmp_path):
+  images, labels = tiny_data()
+  model = fgr_tf.FGRModel(tiny_backbone(), fgr_lambda=300.0, rs_sigma=0.02,
+                          igr_lambda=1.0, seed=7)
+  model.compile(optimizer=sgd())
+  fit_one_step(model, images, labels)
+  path = tmp_path / "model.keras"
+  model.save(path)
+  loaded = keras.saving.load_model(path)
+  assert isinstance(loaded, fgr_tf.FGRModel)
+  assert (loaded.fgr_lambda, loaded.rs_sigma, loaded.igr_lambda,
+          loaded.seed) == (300.0, 0.02, 1.0, 7)
+  np.testing.assert_allclose(loaded.predict(images, verbose=0),
+                             model.predict(images, verbose=0), rtol=1e-6)
+  # Training continues from the restored optimizer state.
+  fit_one_step(loaded, images, labels)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"fgr_lambda": -1.0}, "fgr_lambda=-1.0"),
+    ({"rs_sigma": -0.01}, "rs_sigma=-0.01"),
+    ({"igr_lambda": float("nan")}, "igr_lambda=nan"),
+    ({"fgr_lambda": "300"}, "fgr_lambda='300'"),
+])
+def test_rejects_bad_hyperparameters(kwargs, field):
+  with pytest.raises(ValueError, match=field):
+    fgr_tf.FGRModel(tiny_backbone(), **kwargs)
+
+
+def test_rejects_non_model_backbone_and_bad_images():
+  with pytest.raises(TypeError, match="keras.Model"):
+    fgr_tf.FGRModel(lambda x: x)
+  model = fgr_tf.FGRModel(tiny_backbone(), fgr_lambda=1.0)
+  model.compile(optimizer=sgd())
+  images, labels = tiny_data()
+  with pytest.raises(ValueError, match="float images"):
+    model.fit((images * 255).astype(np.uint8), labels, verbose=0)
+
+
+def test_jit_compile_auto_is_off_on_cpu():
+  model = fgr_tf.FGRModel(tiny_backbone())
+  model.compile(optimizer=sgd())
+  if not tf.config.list_logical_devices("GPU"):
+    assert model.jit_compile is False

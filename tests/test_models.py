@@ -1,0 +1,111 @@
+"""Backbones: shapes, the original's layout, errors, exact 2nd derivatives."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import fgr_tf
+from fgr_tf import regularizers
+from fgr_tf.models import batch_norm
+
+
+@pytest.mark.parametrize("name,shape,params", [
+    ("vgg11", (32, 32, 3), 9_231_114),   # torchvision-style CIFAR VGG-11
+    ("vgg13", (32, 32, 3), 9_416_010),
+    ("vgg16", (32, 32, 3), 14_728_266),
+    ("vgg19", (32, 32, 3), 20_040_522),
+    ("resnet18", (32, 32, 3), 11_173_962),
+    ("small_cnn", (28, 28, 1), None),
+])
+def test_build_gives_logits_and_the_original_parameter_counts(name, shape,
+                                                              params):
+  model = fgr_tf.models.build(name, 10, shape)
+  logits = model(np.zeros((2,) + shape, np.float32), training=False)
+  assert logits.shape == (2, 10)
+  if params is not None:
+    # trainable counts of the PyTorch CIFAR models (BN: gamma and beta).
+    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == params
+  bns = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+  assert bns and all(isinstance(l, batch_norm.BatchNormalization) for l in bns)
+  assert all(l.epsilon == 1e-5 and l.momentum == 0.9 for l in bns)
+
+
+def test_vgg_layout_matches_the_original():
+  model = fgr_tf.models.build("vgg11", 10, (32, 32, 3))
+  convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
+  assert [c.filters for c in convs] == [64, 128, 256, 256, 512, 512, 512, 512]
+  assert all(c.kernel_size == (3, 3) and c.padding == "same" for c in convs)
+  assert sum(isinstance(l, keras.layers.MaxPooling2D)
+             for l in model.layers) == 5
+  assert model.get_layer("dense").kernel.shape == (512, 10)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(name="vgg12", num_classes=10, input_shape=(32, 32, 3)),
+     "Unknown model 'vgg12'"),
+    (dict(name="vgg11", num_classes=10, input_shape=(28, 28, 1)),
+     "at least 32x32"),
+    (dict(name="resnet18", num_classes=10, input_shape=(4, 4, 3)),
+     "at least 8x8"),
+    (dict(name="small_cnn", num_classes=1, input_shape=(28, 28, 1)),
+     "num_classes=1"),
+    (dict(name="small_cnn", num_classes=10, input_shape=(28, 28)),
+     "input_shape=\\(28, 28\\)"),
+])
+def test_build_rejects_bad_arguments(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    fgr_tf.models.build(**kwargs)
+
+
+def test_weight_decay_is_pytorch_coupled_l2():
+  model = fgr_tf.models.build("small_cnn", 10, (8, 8, 1), weight_decay=5e-4)
+  # One L2 loss per kernel, bias, gamma and beta: all parameters.
+  assert len(model.losses) == len(model.trainable_weights)
+  total = sum(float(l) for l in model.losses)
+  expected = sum(5e-4 / 2 * np.sum(w.numpy() ** 2)
+                 for w in model.trainable_weights)
+  np.testing.assert_allclose(total, expected, rtol=1e-5)
+  with pytest.raises(ValueError, match="weight_decay=-1"):
+    fgr_tf.models.build("small_cnn", 10, (8, 8, 1), weight_decay=-1)
+
+
+@pytest.mark.parametrize("layer_cls", [batch_norm.BatchNormalization,
+                                       keras.layers.BatchNormalization])
+def test_batchnorm_second_derivative_vs_finite_differences(layer_cls):
+  """d IGR-penalty / d conv kernel through train-mode BatchNorm, float64.
+
+  Keras's layer gets it wrong (stop_gradient on the mean in the variance);
+  ours matches central differences.
+  """
+  keras.utils.set_random_seed(0)
+  inputs = keras.Input((6, 6, 2), dtype="float64")
+  x = keras.layers.Conv2D(3, 3, padding="same", dtype="float64")(inputs)
+  x = layer_cls(epsilon=1e-5, dtype="float64")(x)
+  x = keras.layers.Flatten(dtype="float64")(x)
+  model = keras.Model(inputs, keras.layers.Dense(3, dtype="float64")(x))
+  kernel = model.layers[1].kernel
+  rng = np.random.default_rng(0)
+  images = tf.constant(rng.uniform(size=(4, 6, 6, 2)))
+  labels = tf.constant([0, 1, 2, 1])
+
+  def penalty():
+    return fgr_tf.input_gradient_penalty(model, images, labels)[1]
+
+  with tf.GradientTape() as tape:
+    value = penalty()
+  analytic = tape.gradient(value, kernel).numpy().ravel()[:4]
+  numeric = []
+  base = kernel.numpy()
+  for i in range(4):
+    for sign in (1, -1):
+      shifted = base.copy()
+      shifted.ravel()[i] += sign * 1e-6
+      kernel.assign(shifted)
+      numeric.append(penalty().numpy())
+    kernel.assign(base)
+  numeric = (np.array(numeric[0::2]) - np.array(numeric[1::2])) / 2e-6
+  matches = np.allclose(analytic, numeric, rtol=1e-5,
+                        atol=1e-6 * np.abs(numeric).max())
+  assert matches == (layer_cls is batch_norm.BatchNormalization), (
+      analytic, numeric)
