@@ -1,11 +1,12 @@
 # One-command set-up and checks. `make test` works on a fresh machine with
 # Python >= 3.10: it creates .venv, installs fgr_tf with its test extras and
 # runs the suite.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY = $(VENV)/bin/python
 
-.PHONY: venv test test-fast clean
+.PHONY: venv test test-fast bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +16,19 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed
 
+# TensorFlow's C++ start-up chatter (oneDNN, cuInit on CPU machines) is
+# printed before its log level applies; drop it so pytest's summary is last.
+export TF_CPP_MIN_LOG_LEVEL ?= 3
+QUIET_TF = 2>&1 | grep --line-buffered -v -E '^(I0000|W0000|E0000|WARNING: All log messages before absl)'; exit $${PIPESTATUS[0]}
+
 test: venv
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 -q $(QUIET_TF)
 
 test-fast: venv
-	$(PY) -m pytest -n 2 -q -m "not slow"
+	$(PY) -m pytest -n 2 -q -m "not slow" $(QUIET_TF)
+
+bench: venv
+	$(PY) -m bench.steps --model vgg11 --batch 128 --repeats 8
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

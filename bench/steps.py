@@ -1,0 +1,116 @@
+"""Training-step throughput: plain vs FGR vs IGR step, eval forward.
+
+  python -m bench.steps --model vgg11 --batch 128 --image_size 32
+
+prints images/s (median and best over --repeats timed steps, after --warmup
+steps) for each mode, and the FGR/plain time ratio from the same run.
+`--smoke` runs a tiny configuration (CI checks that the bench runs, never
+its speed).
+"""
+
+import os
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import fgr_tf  # noqa: E402
+
+_MODEL = flags.DEFINE_string("model", "vgg11", "Backbone name.")
+_BATCH = flags.DEFINE_integer("batch", 128, "Batch size.")
+_SIZE = flags.DEFINE_integer("image_size", 32, "Image height and width.")
+_CHANNELS = flags.DEFINE_integer("channels", 3, "Image channels.")
+_CLASSES = flags.DEFINE_integer("classes", 10, "Number of classes.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per mode.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps per mode.")
+_MODES = flags.DEFINE_list("modes", ["plain", "fgr", "igr", "eval"],
+                           "Which steps to time.")
+_JIT = flags.DEFINE_bool("jit_compile", False, "Compile steps with XLA.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes, for CI.")
+
+MODES = {
+    "plain": dict(fgr_lambda=0.0, rs_sigma=0.0),
+    "fgr": dict(fgr_lambda=300.0, rs_sigma=0.01),
+    "igr": dict(igr_lambda=10.0),
+}
+
+
+def time_mode(mode, backbone, images, labels, warmup, repeats, jit_compile):
+  """Returns the list of seconds per timed step."""
+  if mode == "eval":
+    forward = tf.function(lambda x: backbone(x, training=False),
+                          jit_compile=jit_compile)
+    step = lambda: forward(images).numpy()
+  else:
+    model = fgr_tf.FGRModel(backbone, **MODES[mode])
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+                  jit_compile=jit_compile)
+    step = lambda: model.train_on_batch(images, labels)
+  for _ in range(warmup):
+    step()
+  seconds = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    step()
+    seconds.append(time.perf_counter() - start)
+  return seconds
+
+
+def run(model_name, batch, size, channels, classes, warmup, repeats, modes,
+        jit_compile=False):
+  """Times each mode; returns {mode: {"median": img/s, "best": img/s}}."""
+  unknown = set(modes) - set(MODES) - {"eval"}
+  if unknown:
+    raise ValueError(f"Unknown modes {sorted(unknown)}. Expected a subset of "
+                     f"{sorted(MODES) + ['eval']}.")
+  rng = np.random.default_rng(0)
+  images = rng.uniform(size=(batch, size, size, channels)).astype(np.float32)
+  labels = rng.integers(0, classes, size=batch).astype(np.int32)
+  results = {}
+  for mode in modes:
+    keras.utils.set_random_seed(0)
+    backbone = fgr_tf.models.build(model_name, classes,
+                                   (size, size, channels))
+    seconds = time_mode(mode, backbone, images, labels, warmup, repeats,
+                        jit_compile)
+    results[mode] = {"median": batch / statistics.median(seconds),
+                     "best": batch / min(seconds)}
+  return results
+
+
+def format_results(results, header):
+  lines = [header, f"{'step':<8}{'median img/s':>14}{'best img/s':>12}"]
+  for mode, r in results.items():
+    lines.append(f"{mode:<8}{r['median']:>14.1f}{r['best']:>12.1f}")
+  if "plain" in results and "fgr" in results:
+    ratio = results["plain"]["median"] / results["fgr"]["median"]
+    lines.append(f"FGR step time / plain step time (medians): {ratio:.2f}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  if _SMOKE.value:
+    config = dict(model_name="small_cnn", batch=8, size=8, channels=1,
+                  classes=3, warmup=1, repeats=2)
+  else:
+    config = dict(model_name=_MODEL.value, batch=_BATCH.value,
+                  size=_SIZE.value, channels=_CHANNELS.value,
+                  classes=_CLASSES.value, warmup=_WARMUP.value,
+                  repeats=_REPEATS.value)
+  results = run(modes=_MODES.value, jit_compile=_JIT.value, **config)
+  header = (f"{config['model_name']} batch {config['batch']} "
+            f"{config['size']}x{config['size']}x{config['channels']}, "
+            f"TF {tf.__version__}, devices "
+            f"{[d.device_type for d in tf.config.list_logical_devices()]}")
+  print(format_results(results, header))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,84 @@
+"""Prints how far fgr_tf is from the original's golden values.
+
+  .venv/bin/python tests/golden_report.py
+
+The numbers quoted in README.md ("Agreement with the original") come from
+this script; test_regularizers.py asserts the bounds.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import fgr_tf  # noqa: E402
+from fgr_tf import regularizers  # noqa: E402
+from fgr_tf.models import batch_norm  # noqa: E402
+from conftest import load_npz  # noqa: E402
+from test_regularizers import H, W, build_golden_vgg, golden_key  # noqa: E402
+
+
+def report(golden):
+  model = build_golden_vgg(golden)
+  images, labels = tf.constant(golden["images"]), tf.constant(golden["labels"])
+  mask = np.ones((1, H, W, 2))
+  mask[:, :, W - 1, 0] = 0
+  mask[:, H - 1, :, 1] = 0
+  with tf.GradientTape() as tape:
+    loss, input_grad, _ = regularizers.loss_and_input_gradient(
+        model, images, labels)
+    flow_grad = regularizers.flow_gradient_from_input_gradient(images,
+                                                               input_grad)
+    xy = fgr_tf.pixel_flow_gradient_to_normalized(flow_grad, H, W)
+    interior = tf.reduce_mean(tf.reduce_sum(tf.square(xy * mask), [1, 2, 3]))
+    total = loss + float(golden["lam"]) * interior
+  ref = golden["flow_grad_xy_normalized"]
+  ours = xy.numpy()
+  flow_diff = max(np.abs(ours[:, :, :W - 1, 0] - ref[:, :, :W - 1, 0]).max(),
+                  np.abs(ours[:, :H - 1, :, 1] - ref[:, :H - 1, :, 1]).max())
+  grads = tape.gradient(total, model.trainable_variables)
+  worst = {}
+  for variable, grad in zip(model.trainable_variables, grads):
+    key = golden_key(variable)
+    if key.startswith("conv") and key.endswith("bias"):
+      continue  # zero up to round-off: BatchNorm follows every conv
+    expected = golden[key + "_grad"]
+    worst[key] = np.abs(grad.numpy() - expected).max() / np.abs(
+        expected).max()
+  return {
+      "ce_abs_diff": abs(float(loss) - float(golden["ce"])),
+      "flow_grad_max_diff_over_max": flow_diff / np.abs(ref).max(),
+      "penalty": float(regularizers.penalty_from_flow_gradient(flow_grad)),
+      "interior_penalty_rel_diff": abs(float(interior) - golden["penalty"]) /
+                                   golden["penalty"],
+      "param_grad_worst_max_diff_over_max": max(worst.values()),
+      "param_grad_worst_variable": max(worst, key=worst.get),
+  }
+
+
+def main():
+  golden = load_npz("golden_shared32.npz")
+  print("fgr_tf BatchNormalization:")
+  for key, value in report(golden).items():
+    print(f"  {key}: {value}")
+  print(f"  golden penalty: {golden['penalty']}, tfa-based penalty: "
+        f"{load_npz('tfa_shared32.npz')['penalty']}")
+  # The same with Keras's own BatchNormalization (stop_gradient in moments).
+  original = batch_norm.BatchNormalization._moments
+  batch_norm.BatchNormalization._moments = (
+      keras.layers.BatchNormalization._moments)
+  try:
+    print("keras.layers.BatchNormalization:")
+    for key, value in report(golden).items():
+      print(f"  {key}: {value}")
+  finally:
+    batch_norm.BatchNormalization._moments = original
+
+
+if __name__ == "__main__":
+  main()
