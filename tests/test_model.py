@@ -168,3 +168,20 @@ def test_jit_compile_auto_is_off_on_cpu():
   model.compile(optimizer=sgd())
   if not tf.config.list_logical_devices("GPU"):
     assert model.jit_compile is False
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_keeps_the_penalty_in_float32(policy):
+  images, labels = tiny_data(size=16, channels=3)
+  backbone = fgr_tf.models.build("small_cnn", 3, (16, 16, 3), dtype=policy)
+  loss, penalty = fgr_tf.flow_gradient_penalty(backbone, images, labels)
+  assert loss.dtype == tf.float32 and penalty.dtype == tf.float32
+  assert np.isfinite(penalty.numpy()) and penalty > 0
+  model = fgr_tf.FGRModel(backbone, fgr_lambda=1.0)
+  optimizer = sgd()
+  if policy == "mixed_float16":
+    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+  model.compile(optimizer=optimizer)
+  logs = fit_one_step(model, images, labels)
+  assert all(np.isfinite(v[0]) for v in logs.values())
+  assert logs["fgr_penalty"][0] > 0
