@@ -4,7 +4,10 @@ Xia & Li, "Improving Resistance to Adversarial Deformations by Regularizing
 Gradients", Neurocomputing 455 (2021).
 """
 
+from fgr_tf import attacks
+from fgr_tf import callbacks
 from fgr_tf import distribute
+from fgr_tf import evaluation
 from fgr_tf import models
 from fgr_tf.model import FGRModel
 from fgr_tf.regularizers import flow_gradient_penalty
@@ -19,8 +22,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FGRModel",
+    "attacks",
+    "callbacks",
     "dense_image_warp",
     "distribute",
+    "evaluation",
     "flow_gradient_penalty",
     "input_gradient_penalty",
     "models",

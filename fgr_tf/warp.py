@@ -86,7 +86,9 @@ def dense_image_warp(image, flow, name=None):
     def floor_and_alpha(query, size):
       max_floor = tf.cast(size - 2, image.dtype)
       floor = tf.minimum(tf.maximum(0.0, tf.floor(query)), max_floor)
-      floor = tf.stop_gradient(floor)
+      # A NaN/Inf flow must give NaN pixels, not out-of-range gathers.
+      floor = tf.stop_gradient(
+          tf.where(tf.math.is_finite(floor), floor, tf.zeros_like(floor)))
       alpha = _clip_unit_interval(query - floor)
       return tf.cast(floor, tf.int32), alpha[..., None]
 

@@ -1,0 +1,96 @@
+"""What every attack shares: the result record, losses, flow norms, caching."""
+
+import dataclasses
+import weakref
+
+import tensorflow as tf
+
+
+@dataclasses.dataclass
+class AttackResult:
+  """Adversarial images and a per-image record.
+
+  Attributes:
+    adv_images: [B, H, W, C] float32 in [0, 1].
+    flow: [B, H, W, 2] the pixel flow (dy, dx) applied to the clean images
+      (`dense_image_warp` convention).
+    success: [B] bool, the model's prediction on `adv_images` is wrong
+      (untargeted) or equals the target (targeted).
+    iterations: [B] int32, iterations (or tries) the attack used per image.
+    t_norm: [B] float32, the deformation's T-norm: the largest displacement
+      over pixels, sqrt(dy^2 + dx^2), in PIXELS.
+    adv_logits: [B, classes] logits on `adv_images`.
+  """
+  adv_images: tf.Tensor
+  flow: tf.Tensor
+  success: tf.Tensor
+  iterations: tf.Tensor
+  t_norm: tf.Tensor
+  adv_logits: tf.Tensor
+
+
+def t_norm(flow):
+  """Largest per-pixel displacement of a pixel flow [B, H, W, 2] -> [B] px."""
+  return tf.reduce_max(tf.norm(tf.cast(flow, tf.float32), axis=-1),
+                       axis=[1, 2])
+
+
+def logits_of(model, images):
+  """Inference-mode logits in float32 (BatchNorm uses moving statistics)."""
+  return tf.cast(model(images, training=False), tf.float32)
+
+
+def is_adversarial(logits, labels, target=None):
+  """[B] bool: misclassified (untargeted) or classified as `target`."""
+  predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
+  if target is None:
+    return tf.not_equal(predictions, tf.cast(labels, tf.int32))
+  return tf.equal(predictions, tf.cast(target, tf.int32))
+
+
+def cw_margin(logits, labels, kappa=0.0, target=None):
+  """C&W margin loss per image [B], minimized by the attacker.
+
+  Untargeted: max(Z_y - max_{i != y} Z_i, -kappa);
+  targeted:   max(max_{i != t} Z_i - Z_t, -kappa).
+  """
+  classes = tf.shape(logits)[-1]
+  cls = tf.cast(labels if target is None else target, tf.int32)
+  one_hot = tf.one_hot(cls, classes, dtype=logits.dtype)
+  own = tf.reduce_sum(logits * one_hot, axis=-1)
+  other = tf.reduce_max(logits - 1e9 * one_hot, axis=-1)
+  margin = own - other if target is None else other - own
+  return tf.maximum(margin, -kappa)
+
+
+def check_inputs(images, labels, name):
+  """Converts and validates a batch; returns (images float32, labels int32)."""
+  images = tf.convert_to_tensor(images)
+  if images.shape.rank != 4 or not images.dtype.is_floating:
+    raise ValueError(
+        f"{name} expects float images of shape [batch, height, width, "
+        f"channels] in [0, 1]. Received: shape={images.shape}, "
+        f"dtype={images.dtype.name}")
+  labels = tf.convert_to_tensor(labels)
+  if labels.shape.rank != 1 or labels.dtype.is_floating:
+    raise ValueError(f"{name} expects integer labels of shape [batch]. "
+                     f"Received: shape={labels.shape}, "
+                     f"dtype={labels.dtype.name}")
+  return tf.cast(images, tf.float32), tf.cast(labels, tf.int32)
+
+
+_CACHE = weakref.WeakKeyDictionary()
+
+
+def compiled(model, key, build):
+  """One tf.function per (model, key), so repeated batches do not retrace.
+
+  Args:
+    model: the attacked model (weakly referenced).
+    key: hashable description of the attack's static settings.
+    build: callable returning the Python function to compile.
+  """
+  per_model = _CACHE.setdefault(model, {})
+  if key not in per_model:
+    per_model[key] = tf.function(build(), reduce_retracing=True)
+  return per_model[key]

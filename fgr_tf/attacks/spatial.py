@@ -1,0 +1,106 @@
+"""Gradient-free worst-of-k rotations and translations (Engstrom et al. 2019)."""
+
+import math
+
+import tensorflow as tf
+
+from fgr_tf import warp
+from fgr_tf.attacks import common
+
+
+def rigid_flow(height, width, angle_deg, shift_y, shift_x):
+  """Pixel flow (dy, dx) [B, H, W, 2] of a rotation about the centre
+  followed by a translation; angle in degrees, shifts in pixels ([B] each).
+
+  The output pixel p samples the input at R^-1 (p - c - t) + c.
+  """
+  theta = -angle_deg * math.pi / 180.0
+  cos, sin = tf.cos(theta)[:, None, None], tf.sin(theta)[:, None, None]
+  height = tf.cast(height, tf.float32)
+  width = tf.cast(width, tf.float32)
+  ys, xs = tf.meshgrid(tf.range(height), tf.range(width), indexing="ij")
+  cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
+  y = ys[None] - cy - shift_y[:, None, None]
+  x = xs[None] - cx - shift_x[:, None, None]
+  sample_y = cos * y + sin * x + cy
+  sample_x = -sin * y + cos * x + cx
+  return tf.stack([ys[None] - sample_y, xs[None] - sample_x], axis=-1)
+
+
+def worst_of_k(model, images, labels, max_angle=30.0, max_shift=0.1,
+               tries=10, grid=False, seed=0):
+  """Worst of k random (or a grid of) rotations + translations.
+
+  No gradients: it shows robustness that does not come from gradient
+  masking. Per image the first misclassifying transform is kept, else the
+  one with the highest CE loss. Out-of-image samples take the border value
+  (Engstrom et al. pad with zeros).
+
+  Args:
+    model: maps [B, H, W, C] images to logits; run with training=False.
+    images: [B, H, W, C] floats in [0, 1].
+    labels: [B] int true labels.
+    max_angle: rotations in [-max_angle, max_angle] degrees.
+    max_shift: translations in [-max_shift, max_shift] * image size.
+    tries: random transforms per image (ignored when grid=True).
+    grid: try the grid of 31 angles x 5 x 5 shifts instead (775 tries).
+    seed: int seed of the random transforms.
+
+  Returns:
+    `AttackResult`; `iterations` = transforms tried until success (all
+    tries otherwise); `t_norm` the largest displacement in pixels.
+  """
+  images, labels = common.check_inputs(images, labels, "worst_of_k")
+  if grid:
+    angles = tf.linspace(-max_angle, max_angle, 31)
+    shifts = tf.linspace(-max_shift, max_shift, 5)
+    a, sy, sx = tf.meshgrid(angles, shifts, shifts, indexing="ij")
+    params = tf.stack([tf.reshape(a, [-1]), tf.reshape(sy, [-1]),
+                       tf.reshape(sx, [-1])], axis=-1)
+  else:
+    if int(tries) != tries or tries < 1:
+      raise ValueError(f"tries must be an int >= 1. Received: tries={tries}")
+    unit = tf.random.stateless_uniform([int(tries), 3], [seed, 1], -1.0, 1.0)
+    params = unit * [max_angle, max_shift, max_shift]
+  attack = common.compiled(model, ("worst_of_k",), lambda: _build(model))
+  return common.AttackResult(**attack(images, labels, params))
+
+
+def _build(model):
+  def attack(images, labels, params):
+    shape = tf.shape(images)
+    batch, height, width = shape[0], shape[1], shape[2]
+    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    tries = tf.shape(params)[0]
+    ones = tf.ones([batch])
+
+    def flow_of(p):
+      return rigid_flow(height, width, p[0] * ones, p[1] * h * ones,
+                        p[2] * w * ones)
+
+    def body(i, best_loss, best_flow, done, used):
+      flow = flow_of(params[i])
+      adv = tf.clip_by_value(warp.dense_image_warp(images, flow), 0, 1)
+      logits = common.logits_of(model, adv)
+      loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+      fooled = common.is_adversarial(logits, labels)
+      active = tf.logical_not(done)
+      take = tf.logical_and(active, tf.logical_or(fooled, loss > best_loss))
+      best_flow = tf.where(take[:, None, None, None], flow, best_flow)
+      best_loss = tf.where(take, loss, best_loss)
+      used = used + tf.cast(active, tf.int32)
+      return i + 1, best_loss, best_flow, tf.logical_or(done, fooled), used
+
+    _, _, flow, _, used = tf.while_loop(
+        lambda i, *_: i < tries, body,
+        (tf.constant(0), tf.fill([batch], -1.0),
+         tf.zeros(tf.stack([batch, height, width, 2])),
+         tf.zeros([batch], tf.bool), tf.zeros([batch], tf.int32)))
+    adv = tf.clip_by_value(warp.dense_image_warp(images, flow), 0, 1)
+    logits = common.logits_of(model, adv)
+    return dict(adv_images=adv, flow=flow,
+                success=common.is_adversarial(logits, labels),
+                iterations=used, t_norm=common.t_norm(flow),
+                adv_logits=logits)
+
+  return attack

@@ -1,0 +1,132 @@
+"""Robustness evaluation: clean and adversarial accuracy per attack."""
+
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from fgr_tf import attacks as attacks_lib
+
+
+def resolve_attacks(attacks):
+  """Normalizes `attacks` to {name: callable(model, images, labels)}.
+
+  Accepts a list of attack names (default settings), a dict name -> dict of
+  settings (e.g. {"flow_pgd": {"epsilon": 0.01, "steps": 100}}), or a dict
+  name -> callable returning an `AttackResult`. Names of settings dicts
+  may carry a suffix after '@' to run one attack with several budgets
+  ("flow_pgd@0.02": {...} runs `flow_pgd`).
+  """
+  if isinstance(attacks, (list, tuple)):
+    attacks = {name: {} for name in attacks}
+  resolved = {}
+  for name, spec in attacks.items():
+    if callable(spec):
+      resolved[name] = spec
+      continue
+    fn = attacks_lib.get(name.split("@")[0])
+    settings = dict(spec)
+    resolved[name] = (lambda fn, settings: lambda model, images, labels: fn(
+        model, images, labels, **settings))(fn, settings)
+  return resolved
+
+
+def _batches(data, batch_size):
+  if isinstance(data, tf.data.Dataset):
+    for images, labels in data:
+      yield images, labels
+    return
+  images, labels = data
+  if len(images) != len(labels):
+    raise ValueError(f"images and labels differ in length: {len(images)} vs "
+                     f"{len(labels)}.")
+  for start in range(0, len(images), batch_size):
+    yield (images[start:start + batch_size], labels[start:start + batch_size])
+
+
+def evaluate(model, data, attacks, batch_size=256, max_examples=None):
+  """Clean accuracy and, per attack, adversarial accuracy and flow norms.
+
+  Args:
+    model: classifier returning logits (an `FGRModel` or a backbone); run in
+      inference mode, its variables are never changed.
+    data: a tf.data.Dataset of (images, labels) batches, or a tuple
+      (images [N, H, W, C] floats in [0, 1], labels [N] ints).
+    attacks: see `resolve_attacks`.
+    batch_size: batch size when `data` is a tuple.
+    max_examples: stop after this many examples.
+
+  Returns:
+    A JSON-serializable dict: {"num_examples", "clean_accuracy",
+    "attacks": {name: {"adversarial_accuracy", "success_rate" (on the
+    correctly classified inputs), "mean_t_norm", "max_t_norm" (pixels, over
+    successful attacks on correctly classified inputs; None if there are
+    none), "mean_iterations", "seconds_per_image"}}}.
+  """
+  attack_fns = resolve_attacks(attacks)
+  correct_all = []
+  per_attack = {name: dict(adv_correct=[], success=[], t_norm=[],
+                           iterations=[], seconds=0.0)
+                for name in attack_fns}
+  seen = 0
+  for images, labels in _batches(data, batch_size):
+    if max_examples is not None:
+      images, labels = images[:max_examples - seen], labels[:max_examples -
+                                                           seen]
+    if len(images) == 0:
+      break
+    images = tf.cast(images, tf.float32)
+    labels = tf.cast(labels, tf.int32)
+    logits = model(images, training=False)
+    correct = (np.argmax(logits, -1) == labels.numpy())
+    correct_all.append(correct)
+    for name, fn in attack_fns.items():
+      start = time.perf_counter()
+      result = fn(model, images, labels)
+      success = result.success.numpy()
+      record = per_attack[name]
+      record["seconds"] += time.perf_counter() - start
+      record["adv_correct"].append(
+          np.argmax(result.adv_logits, -1) == labels.numpy())
+      record["success"].append(success)
+      record["t_norm"].append(result.t_norm.numpy())
+      record["iterations"].append(result.iterations.numpy())
+    seen += len(images)
+    if max_examples is not None and seen >= max_examples:
+      break
+  if not seen:
+    raise ValueError("evaluate received no examples.")
+  correct = np.concatenate(correct_all)
+  results = {"num_examples": int(seen),
+             "clean_accuracy": float(correct.mean()), "attacks": {}}
+  for name, record in per_attack.items():
+    success = np.concatenate(record["success"]) & correct
+    t_norm = np.concatenate(record["t_norm"])[success]
+    results["attacks"][name] = {
+        # A misclassified clean input counts as not robust.
+        "adversarial_accuracy": float(
+            (np.concatenate(record["adv_correct"]) & correct).mean()),
+        "success_rate": (float(success.sum() / correct.sum())
+                         if correct.any() else None),
+        "mean_t_norm": float(t_norm.mean()) if t_norm.size else None,
+        "max_t_norm": float(t_norm.max()) if t_norm.size else None,
+        "mean_iterations": float(np.concatenate(
+            record["iterations"])[correct].mean()) if correct.any() else None,
+        "seconds_per_image": record["seconds"] / seen,
+    }
+  return results
+
+
+def format_table(results_by_model):
+  """Markdown table: one row per (model, attack) from `evaluate` results."""
+  lines = ["| model | attack | clean acc | adv acc | success | mean T-norm "
+           "(px) | s/image |", "|---|---|---|---|---|---|---|"]
+  fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
+  for model_name, results in results_by_model.items():
+    for attack, r in results["attacks"].items():
+      lines.append(
+          f"| {model_name} | {attack} | {results['clean_accuracy']:.3f} | "
+          f"{r['adversarial_accuracy']:.3f} | {fmt(r['success_rate'], '.3f')}"
+          f" | {fmt(r['mean_t_norm'], '.3f')} | "
+          f"{r['seconds_per_image']:.4f} |")
+  return "\n".join(lines)

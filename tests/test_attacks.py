@@ -1,0 +1,230 @@
+"""Attacks on a small CNN trained briefly on synthetic 28x28 data."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import fgr_tf
+from fgr_tf import attacks
+from fgr_tf import synthetic
+from fgr_tf.attacks.adef import gaussian_smooth
+
+ATTACK_SETTINGS = {
+    "flow_pgd": dict(epsilon=0.05, steps=10),
+    "stadv": dict(steps=50),
+    "adef": dict(max_iter=20),
+    "worst_of_k": dict(tries=30),
+}
+
+
+def train(fgr_lambda, epochs=4, seed=0):
+  images, labels = synthetic.shapes(2048, seed=0)
+  keras.utils.set_random_seed(seed)
+  backbone = fgr_tf.models.build("small_cnn", 10, (28, 28, 1))
+  model = fgr_tf.FGRModel(backbone, fgr_lambda=fgr_lambda,
+                          rs_sigma=0.01 if fgr_lambda else 0.0)
+  model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+  model.fit(images, labels, batch_size=128, epochs=epochs, verbose=0)
+  return backbone
+
+
+@pytest.fixture(scope="module")
+def baseline():
+  return train(0.0)
+
+
+@pytest.fixture(scope="module")
+def correct_test_set(baseline):
+  images, labels = synthetic.shapes(128, seed=1)
+  predictions = np.argmax(baseline(images, training=False), -1)
+  keep = predictions == labels
+  assert keep.mean() > 0.9, "the baseline should learn the synthetic data"
+  return images[keep][:64], labels[keep][:64]
+
+
+@pytest.mark.parametrize("name,max_accuracy", [
+    ("flow_pgd", 0.3), ("stadv", 0.1), ("adef", 0.1), ("worst_of_k", 0.7)])
+def test_attack_drives_accuracy_down(baseline, correct_test_set, name,
+                                     max_accuracy):
+  images, labels = correct_test_set
+  result = attacks.get(name)(baseline, images, labels,
+                             **ATTACK_SETTINGS[name])
+  adv_predictions = np.argmax(result.adv_logits, -1)
+  assert np.mean(adv_predictions == labels) <= max_accuracy
+  # The record is consistent with what the model says.
+  np.testing.assert_array_equal(result.success, adv_predictions != labels)
+  np.testing.assert_array_equal(
+      np.argmax(baseline(result.adv_images, training=False), -1),
+      adv_predictions)
+  adv = result.adv_images.numpy()
+  assert adv.shape == images.shape and adv.min() >= 0 and adv.max() <= 1
+  np.testing.assert_allclose(
+      adv, np.clip(fgr_tf.dense_image_warp(images, result.flow), 0, 1),
+      atol=1e-5)
+  np.testing.assert_allclose(
+      result.t_norm, np.linalg.norm(result.flow, axis=-1).max(axis=(1, 2)),
+      rtol=1e-6)
+  assert result.iterations.shape == (len(images),)
+
+
+def test_flow_pgd_stays_in_its_normalized_budget(baseline, correct_test_set):
+  images, labels = correct_test_set
+  eps = 0.02
+  result = attacks.flow_pgd(baseline, images, labels, epsilon=eps, steps=5,
+                            random_start=True, seed=3)
+  flow_xy = fgr_tf.pixel_to_normalized_flow(result.flow, 28, 28).numpy()
+  assert np.abs(flow_xy).max() <= eps + 1e-6
+  # 5 signed steps of eps/5 from a random start in the ball reach its edge.
+  assert np.abs(flow_xy).max() >= eps - 1e-6
+  again = attacks.flow_pgd(baseline, images, labels, epsilon=eps, steps=5,
+                           random_start=True, seed=3)
+  np.testing.assert_array_equal(again.flow, result.flow)
+  other = attacks.flow_pgd(baseline, images, labels, epsilon=eps, steps=5,
+                           random_start=True, seed=4)
+  assert not np.array_equal(other.flow, result.flow)
+
+
+def test_stadv_flows_are_smoother_than_flow_pgd(baseline, correct_test_set):
+  images, labels = correct_test_set
+  smooth = attacks.stadv(baseline, images, labels, steps=50)
+  rough = attacks.flow_pgd(baseline, images, labels, epsilon=0.05, steps=10)
+  both = (smooth.success & rough.success).numpy()
+  assert both.sum() >= 10
+  l_smooth = attacks.flow_smoothness(smooth.flow).numpy()[both]
+  l_rough = attacks.flow_smoothness(rough.flow).numpy()[both]
+  assert l_smooth.mean() < 0.5 * l_rough.mean()
+
+
+def test_stadv_targeted(baseline, correct_test_set):
+  images, labels = correct_test_set
+  target = (labels + 1) % 10
+  result = attacks.stadv(baseline, images, labels, steps=50, target=target)
+  hit = np.argmax(result.adv_logits, -1) == target
+  np.testing.assert_array_equal(result.success, hit)
+  assert hit.mean() >= 0.8
+
+
+def test_adef_succeeds_almost_always_with_small_deformations(
+    baseline, correct_test_set):
+  images, labels = correct_test_set
+  result = attacks.adef(baseline, images, labels)
+  assert result.success.numpy().mean() >= 0.95
+  assert np.median(result.t_norm) < 3.0  # pixels
+  assert result.iterations.numpy().max() <= 100
+
+
+def test_worst_of_k_grid_is_stronger_than_few_random_tries(
+    baseline, correct_test_set):
+  images, labels = correct_test_set
+  few = attacks.worst_of_k(baseline, images, labels, tries=3, seed=0)
+  grid = attacks.worst_of_k(baseline, images, labels, grid=True)
+  assert grid.success.numpy().mean() >= few.success.numpy().mean()
+  # A 30 degree rotation moves a corner (13.5 * sqrt(2) px from the centre)
+  # by 2 sin(15 deg) times that; a 10% shift adds 2.8 * sqrt(2) px.
+  bound = (2 * np.sin(np.radians(15)) + 0.1 * 28 / 13.5) * 13.5 * np.sqrt(2)
+  assert grid.t_norm.numpy().max() <= bound + 1e-3
+  assert grid.t_norm.numpy().max() > 0.5 * bound
+  np.testing.assert_array_equal(
+      attacks.worst_of_k(baseline, images, labels, tries=3, seed=0).flow,
+      few.flow)
+
+
+def test_attacks_never_change_the_model(baseline, correct_test_set):
+  images, labels = correct_test_set
+  before = [v.numpy().copy() for v in baseline.variables]
+  assert any("moving" in v.path for v in baseline.variables)
+  for name, settings in ATTACK_SETTINGS.items():
+    attacks.get(name)(baseline, images[:8], labels[:8], **settings)
+  for v, old in zip(baseline.variables, before):
+    np.testing.assert_array_equal(v.numpy(), old, err_msg=v.path)
+
+
+def test_fgr_keeps_more_adversarial_accuracy_than_the_baseline(baseline):
+  """Same data, seed, schedule and budget; only fgr_lambda differs."""
+  fgr = train(100.0)
+  images, labels = synthetic.shapes(256, seed=2)
+  accuracy = {}
+  for name, model in (("baseline", baseline), ("fgr", fgr)):
+    result = attacks.flow_pgd(model, images, labels, epsilon=0.02, steps=10)
+    accuracy[name] = np.mean(np.argmax(result.adv_logits, -1) == labels)
+  assert accuracy["fgr"] > accuracy["baseline"] + 0.1, accuracy
+
+
+def test_evaluate_reports_json_serializable_results(baseline):
+  images, labels = synthetic.shapes(40, seed=5)
+  results = fgr_tf.evaluation.evaluate(
+      baseline, (images, labels),
+      {"flow_pgd": dict(epsilon=0.05, steps=5),
+       "flow_pgd@small": dict(epsilon=0.001, steps=5)}, batch_size=16)
+  json.dumps(results)
+  assert results["num_examples"] == 40
+  clean = np.mean(np.argmax(baseline(images), -1) == labels)
+  np.testing.assert_allclose(results["clean_accuracy"], clean)
+  strong = results["attacks"]["flow_pgd"]
+  weak = results["attacks"]["flow_pgd@small"]
+  assert strong["adversarial_accuracy"] < weak["adversarial_accuracy"]
+  assert weak["adversarial_accuracy"] <= results["clean_accuracy"]
+  assert 0 < strong["success_rate"] <= 1
+  assert 0 < strong["mean_t_norm"] <= strong["max_t_norm"] <= 0.05 * 13.5 * 1.5
+  assert strong["seconds_per_image"] > 0
+  dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(16)
+  again = fgr_tf.evaluation.evaluate(baseline, dataset, ["flow_pgd"],
+                                     max_examples=20)
+  assert again["num_examples"] == 20
+  table = fgr_tf.evaluation.format_table({"baseline": results})
+  assert "| baseline | flow_pgd@small |" in table
+
+
+def test_robustness_callback_writes_epoch_logs(tmp_path):
+  images, labels = synthetic.shapes(64, size=16, seed=0)
+  strategy = fgr_tf.distribute.get_strategy("mirrored")
+  with strategy.scope():
+    model = fgr_tf.FGRModel(
+        fgr_tf.models.build("small_cnn", 10, (16, 16, 1)), fgr_lambda=10.0)
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+  callback = fgr_tf.callbacks.RobustnessEvaluation(
+      images[:16], labels[:16], {"flow_pgd": dict(epsilon=0.05, steps=3)},
+      every_n_epochs=2)
+  csv_path = tmp_path / "history.csv"
+  history = model.fit(images, labels, batch_size=32, epochs=2, verbose=0,
+                      callbacks=[callback,
+                                 keras.callbacks.CSVLogger(str(csv_path))])
+  values = history.history["val_flow_pgd_acc"]
+  assert np.isnan(values[0]) and 0 <= values[1] <= 1
+  assert "val_flow_pgd_success" in history.history
+  header = csv_path.read_text().splitlines()[0]
+  assert "val_flow_pgd_acc" in header
+  assert callback.last_results["num_examples"] == 16
+
+
+def test_bad_arguments_are_named():
+  images, labels = synthetic.shapes(2, size=12, seed=0)
+  model = fgr_tf.models.build("small_cnn", 10, (12, 12, 1))
+  with pytest.raises(ValueError, match="Unknown attack 'fgsm'"):
+    attacks.get("fgsm")
+  with pytest.raises(ValueError, match="float images"):
+    attacks.flow_pgd(model, (images * 255).astype(np.uint8), labels)
+  with pytest.raises(ValueError, match="integer labels"):
+    attacks.adef(model, images, labels.astype(np.float32))
+  with pytest.raises(ValueError, match="epsilon=-0.1"):
+    attacks.flow_pgd(model, images, labels, epsilon=-0.1)
+  with pytest.raises(ValueError, match="overshoot=0.5"):
+    attacks.adef(model, images, labels, overshoot=0.5)
+  with pytest.raises(ValueError, match="every_n_epochs=0"):
+    fgr_tf.callbacks.RobustnessEvaluation(images, labels, ["adef"], 0)
+
+
+def test_gaussian_smoothing_keeps_constants_and_spreads_a_delta():
+  constant = tf.fill([1, 9, 9, 2], 3.0)
+  np.testing.assert_allclose(gaussian_smooth(constant, 1.0), constant,
+                             rtol=1e-6)
+  delta = np.zeros((1, 15, 15, 1), np.float32)
+  delta[0, 7, 7, 0] = 1
+  out = gaussian_smooth(tf.constant(delta), 1.0).numpy()[0, :, :, 0]
+  np.testing.assert_allclose(out.sum(), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(out, out.T, atol=1e-7)
+  # exp(-1/2) ratio between the centre and its neighbour, in both axes.
+  np.testing.assert_allclose(out[7, 8] / out[7, 7], np.exp(-0.5), rtol=1e-5)
