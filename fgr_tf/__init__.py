@@ -6,6 +6,7 @@ Gradients", Neurocomputing 455 (2021).
 
 from fgr_tf import attacks
 from fgr_tf import callbacks
+from fgr_tf import data
 from fgr_tf import distribute
 from fgr_tf import evaluation
 from fgr_tf import models
@@ -24,6 +25,7 @@ __all__ = [
     "FGRModel",
     "attacks",
     "callbacks",
+    "data",
     "dense_image_warp",
     "distribute",
     "evaluation",

@@ -1,6 +1,8 @@
-"""Keras callbacks."""
+"""Keras callbacks: robustness evaluation during training, atomic checkpoints."""
 
+import json
 import math
+import os
 
 import keras
 
@@ -62,3 +64,54 @@ class RobustnessEvaluation(keras.callbacks.Callback):
       logs[f"val_{name}_acc"] = r["adversarial_accuracy"]
       logs[f"val_{name}_success"] = (math.nan if r["success_rate"] is None
                                      else r["success_rate"])
+
+
+def save_atomically(model, path):
+  """model.save to a temporary name in the same directory, then rename.
+
+  A crash or kill during the write leaves the previous file intact.
+  """
+  directory, name = os.path.split(os.path.abspath(path))
+  tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}.keras")
+  try:
+    model.save(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+class AtomicBestCheckpoint(keras.callbacks.Callback):
+  """Saves the model with the best `monitor` value, atomically.
+
+  The best value is kept in `<path>.json` beside the model, so a resumed
+  run does not overwrite a better model from before the interruption.
+
+  Args:
+    path: the `.keras` file to write.
+    monitor: the log key to maximize (e.g. "val_accuracy").
+  """
+
+  def __init__(self, path, monitor="val_accuracy"):
+    super().__init__()
+    self.path = path
+    self.monitor = monitor
+    self.state_path = path + ".json"
+    self.best = -math.inf
+
+  def on_train_begin(self, logs=None):
+    if os.path.exists(self.state_path) and os.path.exists(self.path):
+      with open(self.state_path) as f:
+        self.best = json.load(f)["best"]
+
+  def on_epoch_end(self, epoch, logs=None):
+    value = (logs or {}).get(self.monitor)
+    if value is None or math.isnan(value) or value <= self.best:
+      return
+    self.best = float(value)
+    save_atomically(self.model, self.path)
+    tmp = self.state_path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump({"best": self.best, "epoch": epoch + 1,
+                 "monitor": self.monitor}, f)
+    os.replace(tmp, self.state_path)

@@ -1,5 +1,7 @@
 """Robustness evaluation: clean and adversarial accuracy per attack."""
 
+import json
+import os
 import time
 
 import numpy as np
@@ -130,3 +132,53 @@ def format_table(results_by_model):
           f" | {fmt(r['mean_t_norm'], '.3f')} | "
           f"{r['seconds_per_image']:.4f} |")
   return "\n".join(lines)
+
+
+def attacks_from_config(eval_config):
+  """{name: settings} from a config's `eval` section (incl. budget curve)."""
+  specs = {name: dict(settings) for name, settings in
+           eval_config.attacks.items()}
+  base = specs.get("flow_pgd", {"steps": 100})
+  for epsilon in eval_config.flow_pgd_budgets:
+    specs[f"flow_pgd@{epsilon:g}"] = dict(base, epsilon=float(epsilon))
+  return specs
+
+
+def evaluate_workdir(config, workdir, checkpoint="best", output=None):
+  """Evaluates `workdir/<checkpoint>.keras` on the test split; writes JSON.
+
+  Args:
+    config: the experiment's ConfigDict (data and eval sections).
+    workdir: a training workdir.
+    checkpoint: "best" or "final".
+    output: results path; default `workdir/results.json`.
+
+  Returns:
+    The `evaluate` dict, plus "checkpoint" and "config" keys.
+  """
+  from fgr_tf import data as data_lib  # pylint: disable=g-import-not-at-top
+  import keras  # pylint: disable=g-import-not-at-top
+  if checkpoint not in ("best", "final"):
+    raise ValueError(f"checkpoint must be 'best' or 'final'. Received: "
+                     f"{checkpoint!r}")
+  path = os.path.join(workdir, f"{checkpoint}.keras")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No checkpoint {path}: train first "
+                            "(fgr-train --config=... --workdir=...).")
+  model = keras.saving.load_model(path)
+  images, labels = data_lib.load(
+      config.data.name, "test", source=config.data.source or None,
+      data_dir=config.data.data_dir or None,
+      num_examples=config.eval.num_examples)
+  results = evaluate(model, (data_lib.to_unit_float(images).numpy(), labels),
+                     attacks_from_config(config.eval),
+                     batch_size=config.eval.batch_size)
+  results["checkpoint"] = path
+  results["fgr_lambda"] = getattr(model, "fgr_lambda", None)
+  results["config"] = json.loads(config.to_json_best_effort())
+  output = output or os.path.join(workdir, "results.json")
+  tmp = output + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(results, f, indent=2)
+  os.replace(tmp, output)
+  return results
