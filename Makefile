@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY = $(VENV)/bin/python
 
-.PHONY: venv test test-fast bench clean
+.PHONY: venv test test-fast bench demo fashion-mnist clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,28 @@ test-fast: venv
 
 bench: venv
 	$(PY) -m bench.steps --model vgg11 --batch 128 --repeats 8
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist (IDX files, offline).
+FMNIST = /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+fashion-mnist:
+	@if [ -e $(FMNIST) ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  echo "Installing Fashion-MNIST (apt-get install dataset-fashion-mnist)"; \
+	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+	  echo "Fashion-MNIST is missing. Run: sudo apt-get install dataset-fashion-mnist" >&2; \
+	  exit 1; \
+	fi
+
+# Quickstart: baseline vs FGR on Fashion-MNIST, evaluated under flow-PGD,
+# stAdv, ADef and worst-of-k; prints the table and writes runs/demo/*.png.
+DEMO = runs/demo
+demo: venv fashion-mnist
+	$(PY) bin/train.py --config=configs/fashion_mnist_demo.py --workdir=$(DEMO)/baseline --config.fgr.lam=0
+	$(PY) bin/train.py --config=configs/fashion_mnist_demo.py --workdir=$(DEMO)/fgr100
+	$(PY) bin/evaluate.py --config=configs/fashion_mnist_demo.py --workdir=$(DEMO)/baseline
+	$(PY) bin/evaluate.py --config=configs/fashion_mnist_demo.py --workdir=$(DEMO)/fgr100
+	$(PY) bin/plot.py --results=$(DEMO)/baseline/results.json,$(DEMO)/fgr100/results.json --output_dir=$(DEMO)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -4,6 +4,7 @@ import json
 import os
 import time
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -93,6 +94,8 @@ def evaluate(model, data, attacks, batch_size=256, max_examples=None):
       record["success"].append(success)
       record["t_norm"].append(result.t_norm.numpy())
       record["iterations"].append(result.iterations.numpy())
+      logging.info("%s: %d images attacked, %.2f s/image so far", name,
+                   seen + len(images), record["seconds"] / (seen + len(images)))
     seen += len(images)
     if max_examples is not None and seen >= max_examples:
       break

@@ -23,15 +23,7 @@ def plot_lambda_tradeoff(results, path, attack="flow_pgd"):
   lams = [p[0] for p in points]
   ax.plot(lams, [p[1] for p in points], "o-", label="clean")
   ax.plot(lams, [p[2] for p in points], "s-", label=f"{attack}")
-  ax.set_xlabel("FGR lambda")
-  ax.set_ylabel("accuracy")
-  ax.set_ylim(0, 1)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
-  return path
+  return _save(fig, ax, path, "FGR lambda", "accuracy")
 
 
 def plot_budget_curves(results, labels, path, attack="flow_pgd"):
@@ -52,8 +44,14 @@ def plot_budget_curves(results, labels, path, attack="flow_pgd"):
       curve.append((eps, r["adversarial_accuracy"]))
     curve.sort()
     ax.plot([c[0] for c in curve], [c[1] for c in curve], "o-", label=label)
-  ax.set_xlabel(f"{attack} epsilon (normalized flow)")
-  ax.set_ylabel("robust accuracy")
+  return _save(fig, ax, path, f"{attack} epsilon (normalized flow)",
+               "robust accuracy")
+
+
+def _save(fig, ax, path, xlabel, ylabel):
+  """Labels an accuracy plot (y in [0, 1]), writes the PNG, returns path."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
   ax.set_ylim(0, 1)
   ax.grid(alpha=0.3)
   ax.legend()

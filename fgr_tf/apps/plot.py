@@ -1,7 +1,8 @@
 """fgr-plot --results=runs/a/results.json,runs/b/results.json --output_dir=runs
 
-Draws the original's figure (clean vs adversarial accuracy per lambda) and
-robust-accuracy vs flow-PGD budget curves, as PNG.
+Prints one Markdown table of all results, and draws the original's figure
+(clean vs adversarial accuracy per lambda) and robust-accuracy vs flow-PGD
+budget curves, as PNG.
 """
 
 import json
@@ -23,6 +24,7 @@ flags.mark_flags_as_required(["results"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from fgr_tf import evaluation  # pylint: disable=g-import-not-at-top
   from fgr_tf import plots  # pylint: disable=g-import-not-at-top
   results = []
   for path in _RESULTS.value:
@@ -33,6 +35,7 @@ def main(argv):
   if len(labels) != len(results):
     raise app.UsageError("--labels needs one label per results file.")
   os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
+  print(evaluation.format_table(dict(zip(labels, results))))
   for path in (
       plots.plot_lambda_tradeoff(results, os.path.join(
           _OUTPUT_DIR.value, "lambda_tradeoff.png"), _ATTACK.value),
