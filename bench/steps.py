@@ -1,9 +1,13 @@
-"""Training-step throughput: plain vs FGR vs IGR step, eval forward.
+"""Training-step throughput: plain, FGR, IGR, adversarial-training steps,
+attacks, eval forward.
 
   python -m bench.steps --model vgg11 --batch 128 --image_size 32
 
 prints images/s (median and best over --repeats timed steps, after --warmup
 steps) for each mode, and the FGR/plain time ratio from the same run.
+Modes: plain, fgr (lambda 300, random start 0.01), igr, at (flow-PGD
+adversarial training, 10 steps), fgr_at (both), flow_pgd (the attack, 10
+steps, per image attacked), eval (inference forward).
 `--smoke` runs a tiny configuration (CI checks that the bench runs, never
 its speed).
 """
@@ -30,15 +34,23 @@ _CLASSES = flags.DEFINE_integer("classes", 10, "Number of classes.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per mode.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps per mode.")
 _MODES = flags.DEFINE_list("modes", ["plain", "fgr", "igr", "eval"],
-                           "Which steps to time.")
+                           "Which steps to time (see the module docstring).")
 _JIT = flags.DEFINE_bool("jit_compile", False, "Compile steps with XLA.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes, for CI.")
+
+def _flow_pgd10(backbone, images, labels, seed=0):
+  return fgr_tf.attacks.flow_pgd(backbone, images, labels, epsilon=0.01,
+                                 steps=10, seed=seed).adv_images
+
 
 MODES = {
     "plain": dict(fgr_lambda=0.0, rs_sigma=0.0),
     "fgr": dict(fgr_lambda=300.0, rs_sigma=0.01),
     "igr": dict(igr_lambda=10.0),
+    "at": dict(fgr_lambda=0.0, rs_sigma=0.0, adversary=_flow_pgd10),
+    "fgr_at": dict(fgr_lambda=300.0, rs_sigma=0.01, adversary=_flow_pgd10),
 }
+OTHER_MODES = ("eval", "flow_pgd")
 
 
 def time_mode(mode, backbone, images, labels, warmup, repeats, jit_compile):
@@ -47,6 +59,8 @@ def time_mode(mode, backbone, images, labels, warmup, repeats, jit_compile):
     forward = tf.function(lambda x: backbone(x, training=False),
                           jit_compile=jit_compile)
     step = lambda: forward(images).numpy()
+  elif mode == "flow_pgd":
+    step = lambda: _flow_pgd10(backbone, images, labels).numpy()
   else:
     model = fgr_tf.FGRModel(backbone, **MODES[mode])
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
@@ -65,10 +79,10 @@ def time_mode(mode, backbone, images, labels, warmup, repeats, jit_compile):
 def run(model_name, batch, size, channels, classes, warmup, repeats, modes,
         jit_compile=False):
   """Times each mode; returns {mode: {"median": img/s, "best": img/s}}."""
-  unknown = set(modes) - set(MODES) - {"eval"}
+  unknown = set(modes) - set(MODES) - set(OTHER_MODES)
   if unknown:
     raise ValueError(f"Unknown modes {sorted(unknown)}. Expected a subset of "
-                     f"{sorted(MODES) + ['eval']}.")
+                     f"{sorted(MODES) + list(OTHER_MODES)}.")
   rng = np.random.default_rng(0)
   images = rng.uniform(size=(batch, size, size, channels)).astype(np.float32)
   labels = rng.integers(0, classes, size=batch).astype(np.int32)

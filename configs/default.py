@@ -46,11 +46,15 @@ def get_config():
   config.igr = ml_collections.ConfigDict()
   config.igr.lam = 0.0              # input gradient penalty weight (>= 0)
 
-  # Adversarial training with deformations: "" (off) or "flow_pgd".
+  # Adversarial training with deformations (fgr_tf.train.make_adversary):
+  # "" (off), "flow_pgd" or "stadv"; composes with fgr and igr.
   config.adv = ml_collections.ConfigDict()
   config.adv.attack = ""
-  config.adv.epsilon = 0.01         # normalized flow L-inf bound
-  config.adv.steps = 10
+  config.adv.epsilon = 0.01         # flow_pgd: normalized flow L-inf bound
+  config.adv.steps = 10             # flow_pgd signed steps / stadv Adam steps
+  config.adv.random_start = False   # flow_pgd: start from U(-eps, eps)
+  config.adv.tau = 0.05             # stadv: weight of the smoothness loss
+  config.adv.clean_fraction = 0.0   # share of each batch kept clean
 
   config.eval = ml_collections.ConfigDict()
   config.eval.num_examples = 1000   # test images attacked by fgr-evaluate

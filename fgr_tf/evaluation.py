@@ -179,9 +179,13 @@ def evaluate_workdir(config, workdir, checkpoint="best", output=None):
   results["checkpoint"] = path
   results["fgr_lambda"] = getattr(model, "fgr_lambda", None)
   results["config"] = json.loads(config.to_json_best_effort())
-  output = output or os.path.join(workdir, "results.json")
-  tmp = output + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(results, f, indent=2)
-  os.replace(tmp, output)
+  write_json(results, output or os.path.join(workdir, "results.json"))
   return results
+
+
+def write_json(obj, path):
+  """Writes `obj` as JSON to a temporary file, then renames it to `path`."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)

@@ -21,7 +21,8 @@ class FGRModel(keras.Model):
   """Trains a classifier with flow gradient regularization.
 
   Each training step (SPEC §1), for a batch of B images x and labels y:
-    1. (optional) x <- adversary(backbone, x, y)   (adversarial training);
+    1. (optional) x <- adversary(backbone, x, y, seed) (adversarial
+       training);
     2. if fgr_lambda > 0 and rs_sigma > 0: x <- random_deform(x, rs_sigma);
     3. loss = mean CE(backbone(x), y); g = d loss / d flow at a zero flow
        (inner GradientTape);
@@ -45,10 +46,13 @@ class FGRModel(keras.Model):
       0.155 px at 32x32), >= 0; used only when fgr_lambda > 0, as the
       original does.
     igr_lambda: weight of the input gradient penalty (IGR baseline), >= 0.
-    adversary: optional callable `(backbone, images, labels) -> images`
-      producing the training inputs (adversarial training); not saved by
-      `get_config`.
-    seed: int seed of the random start (stateless, per step and replica).
+    adversary: optional callable `(backbone, images, labels, seed) ->
+      images` producing the training inputs (adversarial training; e.g.
+      `fgr_tf.train.make_adversary(config)`); `seed` is a [2] int32 tensor,
+      different at every step and replica, for stateless random ops. Not
+      saved by `get_config`.
+    seed: int seed of the random start and of the adversary (stateless, per
+      step and replica).
 
   Example:
     ```python
@@ -71,8 +75,8 @@ class FGRModel(keras.Model):
       raise TypeError("backbone must be a keras.Model. Received: "
                       f"backbone={type(backbone).__name__}")
     if adversary is not None and not callable(adversary):
-      raise TypeError("adversary must be callable (backbone, images, labels) "
-                      f"-> images. Received: adversary={adversary!r}")
+      raise TypeError("adversary must be callable (backbone, images, labels, "
+                      f"seed) -> images. Received: adversary={adversary!r}")
     self.backbone = backbone
     self.fgr_lambda = float(fgr_lambda)
     self.rs_sigma = float(rs_sigma)
@@ -128,10 +132,12 @@ class FGRModel(keras.Model):
                                   tf.cast(local_batch, tf.float32))
     return ctx, ctx.num_replicas_in_sync, global_batch
 
-  def _random_start_seed(self, ctx, num_replicas):
+  def _step_seed(self, ctx, num_replicas, stream):
+    """A stateless seed [2] for this step and replica; `stream` 0 = random
+    start, 1 = adversary."""
     replica_id = 0 if ctx is None else ctx.replica_id_in_sync_group
     step = tf.cast(self.optimizer.iterations, tf.int32)
-    return tf.stack([tf.constant(self.seed, tf.int32),
+    return tf.stack([tf.constant(2 * self.seed + stream, tf.int32),
                      step * num_replicas + replica_id])
 
   def _objective(self, images, labels, global_batch, num_replicas):
@@ -179,10 +185,11 @@ class FGRModel(keras.Model):
     ctx, num_replicas, global_batch = self._replica_info(local_batch)
 
     if self.adversary is not None:
-      images = tf.stop_gradient(self.adversary(self.backbone, images, labels))
+      images = tf.stop_gradient(self.adversary(
+          self.backbone, images, labels, self._step_seed(ctx, num_replicas, 1)))
     if self.fgr_lambda > 0 and self.rs_sigma > 0:
       images = warp.random_deform(
-          images, self.rs_sigma, self._random_start_seed(ctx, num_replicas))
+          images, self.rs_sigma, self._step_seed(ctx, num_replicas, 0))
 
     with tf.GradientTape() as tape:
       total, logits, parts = self._objective(images, labels, global_batch,

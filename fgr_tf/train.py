@@ -64,18 +64,52 @@ def learning_rate_schedule(config, steps_per_epoch):
   return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
 
 
-def make_adversary(config):
-  """The adversarial-training attack the config names, or None."""
-  if not config.adv.attack:
-    return None
-  if config.adv.attack != "flow_pgd":
-    raise ValueError(f"Unknown adversarial-training attack "
-                     f"{config.adv.attack!r}. Expected '' or 'flow_pgd'.")
-  epsilon, steps = config.adv.epsilon, config.adv.steps
+ADVERSARIAL_TRAINING_ATTACKS = ("flow_pgd", "stadv")
 
-  def adversary(backbone, images, labels):
-    return attacks.flow_pgd(backbone, images, labels, epsilon=epsilon,
-                            steps=steps).adv_images
+
+def make_adversary(config):
+  """The adversarial-training callable the config's `adv` section names.
+
+  `adv.attack` is "" (off), "flow_pgd" (L-inf `adv.epsilon` in normalized
+  flow units, `adv.steps` signed steps, optional `adv.random_start`) or
+  "stadv" (`adv.tau`, `adv.steps` Adam steps, one search round). The first
+  round(`adv.clean_fraction` * batch) examples of each (per-replica) batch
+  stay clean (Madry-style mixing; 0 = all adversarial).
+
+  Returns:
+    None, or `adversary(backbone, images, labels, seed) -> images` for
+    `FGRModel(adversary=...)` (seed: the [2] int32 stateless seed of the
+    flow_pgd random start).
+  """
+  adv = config.adv
+  if not adv.attack:
+    return None
+  if adv.attack not in ADVERSARIAL_TRAINING_ATTACKS:
+    raise ValueError(f"Unknown adversarial-training attack "
+                     f"{adv.attack!r}. Expected '' or one of "
+                     f"{ADVERSARIAL_TRAINING_ATTACKS}.")
+  if not 0.0 <= adv.clean_fraction < 1.0:
+    raise ValueError("adv.clean_fraction must be in [0, 1). Received: "
+                     f"adv.clean_fraction={adv.clean_fraction}")
+  if adv.attack == "flow_pgd":
+    settings = dict(epsilon=adv.epsilon, steps=adv.steps,
+                    random_start=adv.random_start)
+  else:
+    settings = dict(tau=adv.tau, steps=adv.steps, search_steps=1)
+  attack = attacks.get(adv.attack)
+  clean_fraction = float(adv.clean_fraction)
+
+  def adversary(backbone, images, labels, seed=(0, 0)):
+    seeded = dict(settings, seed=seed) if "random_start" in settings else (
+        settings)
+    adv_images = attack(backbone, images, labels, **seeded).adv_images
+    if not clean_fraction:
+      return adv_images
+    batch = tf.shape(images)[0]
+    num_clean = tf.cast(tf.round(clean_fraction * tf.cast(batch, tf.float32)),
+                        tf.int32)
+    keep_clean = tf.range(batch) < num_clean
+    return tf.where(keep_clean[:, None, None, None], images, adv_images)
 
   return adversary
 

@@ -95,8 +95,8 @@ def test_adversary_supplies_the_training_inputs():
   backbone = tiny_backbone()
   calls = []
 
-  def flip(model, batch, batch_labels):
-    calls.append(model)
+  def flip(model, batch, batch_labels, seed):
+    calls.append((model, seed.shape))
     return tf.reverse(batch, axis=[2])
 
   model = fgr_tf.FGRModel(copy_of(backbone), rs_sigma=0.0, adversary=flip)
@@ -105,7 +105,7 @@ def test_adversary_supplies_the_training_inputs():
   plain = fgr_tf.FGRModel(copy_of(backbone), rs_sigma=0.0)
   plain.compile(optimizer=sgd())
   fit_one_step(plain, images[:, :, ::-1], labels)
-  assert calls and calls[0] is model.backbone
+  assert calls and calls[0] == (model.backbone, (2,))
   for ours, theirs in zip(model.get_weights(), plain.get_weights()):
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
 

@@ -1,12 +1,15 @@
 """fgr_tf.train helpers: schedule, adversarial training hook, validation."""
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import fgr_tf
 from fgr_tf import synthetic
 from fgr_tf import train
 from configs import smoke
+from helpers import copy_of
 
 
 def test_learning_rate_schedule_steps_down_at_the_configured_epochs():
@@ -18,19 +21,88 @@ def test_learning_rate_schedule_steps_down_at_the_configured_epochs():
   np.testing.assert_allclose(lrs, [0.1, 0.1, 0.01, 0.01, 0.001], rtol=1e-6)
 
 
-def test_adversarial_training_attack_from_config():
+def _adversarial_setup(n=8):
+  images, labels = synthetic.shapes(n, seed=0)
+  keras.utils.set_random_seed(0)
+  backbone = fgr_tf.models.build("small_cnn", 10, (28, 28, 1))
+  return images, labels, backbone
+
+
+@pytest.mark.parametrize("attack", ["flow_pgd", "stadv"])
+def test_adversarial_training_attack_changes_the_inputs(attack):
   config = smoke.get_config()
   assert train.make_adversary(config) is None
-  config.adv.attack = "flow_pgd"
+  config.adv.attack = attack
   config.adv.epsilon = 0.02
   config.adv.steps = 2
+  images, labels, backbone = _adversarial_setup()
+  adv = train.make_adversary(config)(backbone, images, labels,
+                                     tf.constant([0, 1])).numpy()
+  assert adv.shape == images.shape
+  assert np.abs(adv - images).reshape(len(images), -1).max(1).min() > 1e-6
+  assert adv.min() >= 0.0 and adv.max() <= 1.0
+
+
+def test_adversarial_training_keeps_a_clean_fraction():
+  config = smoke.get_config()
+  config.adv.attack = "flow_pgd"
+  config.adv.clean_fraction = 0.25
+  images, labels, backbone = _adversarial_setup(8)
+  adv = train.make_adversary(config)(backbone, images, labels,
+                                     tf.constant([0, 1])).numpy()
+  changed = np.abs(adv - images).reshape(8, -1).max(1) > 1e-6
+  np.testing.assert_array_equal(changed, [False] * 2 + [True] * 6)
+
+
+def test_random_start_of_the_adversary_follows_the_step_seed():
+  config = smoke.get_config()
+  config.adv.attack = "flow_pgd"
+  config.adv.random_start = True
+  images, labels, backbone = _adversarial_setup(4)
   adversary = train.make_adversary(config)
-  images, labels = synthetic.shapes(4, seed=0)
-  backbone = fgr_tf.models.build("small_cnn", 10, (28, 28, 1))
-  adv = adversary(backbone, images, labels).numpy()
-  assert adv.shape == images.shape and not np.allclose(adv, images)
+  run = lambda *seed: adversary(backbone, images, labels,
+                                tf.constant(seed)).numpy()
+  np.testing.assert_array_equal(run(0, 1), run(0, 1))
+  assert not np.array_equal(run(0, 1), run(0, 2))
+
+
+def test_adversarial_training_composes_with_fgr():
+  """FGR + AT: the step penalizes the flow gradient AT the adversarial
+  inputs, so its update equals FGR trained on those inputs directly."""
+  config = smoke.get_config()
+  config.adv.attack = "flow_pgd"
+  config.adv.steps = 3
+  images, labels, backbone = _adversarial_setup(8)
+  adversary = train.make_adversary(config)
+  adv_images = adversary(backbone, images, labels, tf.constant([0, 1]))
+
+  def one_step(inputs, adversary):
+    model = fgr_tf.FGRModel(copy_of(backbone), fgr_lambda=50.0, rs_sigma=0.0,
+                            adversary=adversary)
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    logs = model.fit(inputs, labels, batch_size=8, epochs=1, verbose=0,
+                     shuffle=False).history
+    return model.get_weights(), logs
+
+  with_at, at_logs = one_step(images, adversary)
+  direct, direct_logs = one_step(adv_images.numpy(), None)
+  plain, _ = one_step(images, None)
+  for a, b in zip(with_at, direct):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert not all(np.allclose(a, b) for a, b in zip(with_at, plain))
+  assert at_logs["fgr_penalty"][0] > 0
+  np.testing.assert_allclose(at_logs["fgr_penalty"], direct_logs[
+      "fgr_penalty"], rtol=1e-4)
+
+
+def test_bad_adversarial_training_settings_are_named():
+  config = smoke.get_config()
   config.adv.attack = "fgsm"
   with pytest.raises(ValueError, match="Unknown adversarial-training attack"):
+    train.make_adversary(config)
+  config.adv.attack = "flow_pgd"
+  config.adv.clean_fraction = 1.0
+  with pytest.raises(ValueError, match="clean_fraction must be in"):
     train.make_adversary(config)
 
 

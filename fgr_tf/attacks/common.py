@@ -35,6 +35,17 @@ def t_norm(flow):
                        axis=[1, 2])
 
 
+def stateless_seed(seed):
+  """An int, or a [2] int tensor/sequence, as a [2] int32 stateless seed."""
+  if isinstance(seed, int):
+    return tf.constant([seed, 0], tf.int32)
+  seed = tf.cast(seed, tf.int32)
+  if seed.shape != (2,):
+    raise ValueError(f"seed must be an int or a [2] int tensor. Received: "
+                     f"shape {seed.shape}")
+  return seed
+
+
 def logits_of(model, images):
   """Inference-mode logits in float32 (BatchNorm uses moving statistics)."""
   return tf.cast(model(images, training=False), tf.float32)

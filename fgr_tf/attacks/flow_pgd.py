@@ -24,7 +24,8 @@ def flow_pgd(model, images, labels, epsilon=0.01, steps=100, step_size=None,
     steps: number of signed-gradient steps, >= 1.
     step_size: normalized units per step; default epsilon / steps.
     random_start: start from U(-epsilon, epsilon) instead of a zero flow.
-    seed: int seed of the random start.
+    seed: int seed of the random start, or a [2] int tensor (a stateless
+      seed, e.g. one per training step).
 
   Returns:
     `AttackResult` (flow in pixels; iterations = steps).
@@ -40,7 +41,7 @@ def flow_pgd(model, images, labels, epsilon=0.01, steps=100, step_size=None,
   attack = common.compiled(model, key, lambda: _build(
       model, float(epsilon), int(steps), float(step_size), random_start))
   return common.AttackResult(
-      **attack(images, labels, tf.constant([seed, 0], tf.int32)))
+      **attack(images, labels, common.stateless_seed(seed)))
 
 
 def _build(model, epsilon, steps, step_size, random_start):

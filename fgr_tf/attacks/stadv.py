@@ -77,8 +77,9 @@ def stadv(model, images, labels, tau=0.05, kappa=0.0, steps=200,
       retry = tf.logical_not(best["success"])
       best = {k: tf.where(tf.reshape(retry, [-1] + [1] * (v.shape.rank - 1)),
                           v, best[k]) for k, v in out.items()}
-    if bool(tf.reduce_all(best["success"])):
-      break
+    if (round_index + 1 == int(search_steps) or
+        bool(tf.reduce_all(best["success"]))):
+      break  # (The last round needs no check: stays graph-compatible.)
     taus = tf.where(best["success"], taus, taus / 10.0)
   return common.AttackResult(**best)
 

@@ -1,0 +1,40 @@
+"""fgr-sweep --config=configs/sweep_fashion_mnist.py --workdir=runs/sweep
+
+Trains and evaluates every variant of the config's `sweep` section (see
+`fgr_tf.sweep`); rerun with the same --workdir to resume. Writes
+WORKDIR/RESULTS.md and the plots, and prints the tables.
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from fgr_tf import apps
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A sweep config file (with a `sweep` section).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "One subdirectory per "
+                               "variant; RESULTS.md and PNGs at the top.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if "sweep" not in _CONFIG.value:
+    raise app.UsageError("The config has no `sweep` section; see "
+                         "configs/sweep_fashion_mnist.py.")
+  from fgr_tf import sweep  # pylint: disable=g-import-not-at-top
+  results = sweep.run_sweep(_CONFIG.value, _WORKDIR.value)
+  print(sweep.markdown_tables(results,
+                              sweep.variant_overrides(_CONFIG.value)))
+
+
+def run():
+  apps.prepare()
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

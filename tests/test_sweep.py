@@ -1,0 +1,82 @@
+"""fgr_tf.sweep: overrides, variant selection, an end-to-end resumable sweep."""
+
+import json
+import os
+
+import pytest
+
+from fgr_tf import sweep
+from configs import smoke
+from configs import sweep_fashion_mnist
+from configs import sweep_smoke
+from test_workflow import run_app
+
+
+def test_overrides_are_parsed_and_typed():
+  assert sweep.parse_overrides("fgr.lam=100 adv.attack=flow_pgd "
+                               "train.lr_decay_epochs=(1,2)") == [
+                                   ("fgr.lam", 100), ("adv.attack", "flow_pgd"),
+                                   ("train.lr_decay_epochs", (1, 2))]
+  config = sweep.apply_overrides(smoke.get_config(),
+                                 "fgr.lam=100 adv.attack=stadv")
+  assert config.fgr.lam == 100.0 and isinstance(config.fgr.lam, float)
+  assert config.adv.attack == "stadv"
+  assert smoke.get_config().fgr.lam == 10.0  # the original is untouched
+
+
+@pytest.mark.parametrize("text, message", [
+    ("fgr.lamb=1", "v: unknown config field 'fgr.lamb'"),
+    ("nope.lam=1", "v: unknown config field 'nope.lam'"),
+    ("fgr.lam=high", "v: bad value for 'fgr.lam'"),
+    ("fgr.lam", "Bad override 'fgr.lam'"),
+])
+def test_bad_overrides_are_named(text, message):
+  with pytest.raises(ValueError, match=message):
+    sweep.apply_overrides(smoke.get_config(), text, "v")
+
+
+def test_variants_follow_the_config_order_and_only():
+  config = sweep_fashion_mnist.get_config()
+  all_variants = sweep.variants(config)
+  assert list(all_variants)[:2] == ["baseline", "igr2000"]
+  assert all_variants["fgr100_at"].adv.attack == "flow_pgd"
+  assert all_variants["fgr100_at"].fgr.lam == 100.0
+  assert all_variants["igr6000"].igr.lam == 6000.0
+  config.sweep.only = "fgr300, baseline"
+  assert list(sweep.variants(config)) == ["fgr300", "baseline"]
+  config.sweep.only = "fgr400"
+  with pytest.raises(ValueError, match="Unknown variant 'fgr400'"):
+    sweep.variants(config)
+
+
+def test_sweep_end_to_end_then_resumes_without_retraining(tmp_path,
+                                                          monkeypatch):
+  config = sweep_smoke.get_config()
+  results = sweep.run_sweep(config, str(tmp_path))
+  assert list(results) == ["baseline", "fgr10", "fgr10_at"]
+  for name in results:
+    assert results[name]["train_seconds"] > 0
+    assert (tmp_path / name / "best.keras").exists()
+  assert results["fgr10_at"]["config"]["adv"]["attack"] == "flow_pgd"
+  report = (tmp_path / "RESULTS.md").read_text()
+  assert "| fgr10_at | `fgr.lam=10.0 adv.attack=flow_pgd` |" in report
+  assert "flow_pgd@0.05" in report and "adef adv acc" in report
+  for png in ("budget_curves.png", "deformation_norms.png",
+              "lambda_tradeoff.png"):
+    assert os.path.getsize(tmp_path / png) > 1000, png
+  assert json.loads((tmp_path / "sweep.json").read_text()).keys() == {
+      "baseline", "fgr10", "fgr10_at"}
+
+  def no_training(*args):
+    raise AssertionError("a finished variant was trained again")
+
+  monkeypatch.setattr(sweep.train, "train_and_evaluate", no_training)
+  again = sweep.run_sweep(config, str(tmp_path))
+  assert again == results
+
+
+def test_sweep_app_needs_a_sweep_section(tmp_path):
+  proc = run_app("sweep", "--config=configs/smoke.py",
+                 f"--workdir={tmp_path}", check=False)
+  assert proc.returncode != 0
+  assert "no `sweep` section" in proc.stdout + proc.stderr
