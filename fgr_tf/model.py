@@ -123,6 +123,21 @@ class FGRModel(keras.Model):
     if self.built:
       self.optimizer.build(self.trainable_variables)
 
+  def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    # Keras 3 (up to 3.15 at least) builds from a batch it gets by
+    # strategy.reduce("MEAN", per_replica_batch), which fails under
+    # MultiWorkerMirroredStrategy (keras-team/keras#20585). Building needs
+    # shapes only: take the first local replica's part instead.
+    if iterator is not None and self._distribute_strategy is not None:
+      strategy = self.distribute_strategy
+      for _, _, it in iterator:
+        data_batch = keras.tree.map_structure(
+            lambda v: strategy.experimental_local_results(v)[0] if isinstance(
+                v, tf.distribute.DistributedValues) else v, next(it))
+        break
+      iterator = None
+    super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
   def _replica_info(self, local_batch):
     """(replica context or None, number of replicas, global batch size)."""
     ctx = tf.distribute.get_replica_context()
@@ -212,11 +227,26 @@ class FGRModel(keras.Model):
       if tracker is not None:
         tracker.update_state(global_value(parts[name]),
                              sample_weight=local_batch)
-    return self.compute_metrics(images, labels, logits, sample_weight=None)
+    return self._multi_worker_logs(
+        self.compute_metrics(images, labels, logits, sample_weight=None))
 
   def test_step(self, data):
     logs = super().test_step(data)
-    return {k: v for k, v in logs.items() if k not in _PENALTY_LOGS}
+    return self._multi_worker_logs(
+        {k: v for k, v in logs.items() if k not in _PENALTY_LOGS})
+
+  def _multi_worker_logs(self, logs):
+    """Scalar logs as shape [1] under MultiWorkerMirroredStrategy.
+
+    Keras 3 reduces step outputs there with strategy.reduce("MEAN", v,
+    axis=0), which rejects scalars (keras-team/keras#20585); a [1] vector
+    reduces to the scalar Keras expects.
+    """
+    if not isinstance(self.distribute_strategy,
+                      tf.distribute.MultiWorkerMirroredStrategy):
+      return logs
+    return {k: tf.reshape(v, [1]) if v.shape.rank == 0 else v
+            for k, v in logs.items()}
 
   def get_config(self):
     config = super().get_config()

@@ -1,0 +1,77 @@
+"""MultiWorkerMirroredStrategy with two worker processes on 127.0.0.1.
+
+Both workers must end with identical weights, equal to one process training
+on the same global batch (the FGR penalty is for the GLOBAL batch, SPEC §2).
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import multiworker_worker
+from helpers import tiny_backbone, tiny_data
+
+HERE = pathlib.Path(__file__).parent
+TIMEOUT_S = 180
+
+
+def free_ports(n):
+  sockets = [socket.socket() for _ in range(n)]
+  for s in sockets:
+    s.bind(("127.0.0.1", 0))
+  ports = [s.getsockname()[1] for s in sockets]
+  for s in sockets:
+    s.close()
+  return ports
+
+
+def run_workers(tmp_path, num_workers=2):
+  cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(num_workers)]}
+  procs = []
+  try:
+    for index in range(num_workers):
+      env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_CONFIG=json.dumps(
+          {"cluster": cluster, "task": {"type": "worker", "index": index}}))
+      procs.append(subprocess.Popen(
+          [sys.executable, str(HERE / "multiworker_worker.py"),
+           str(tmp_path / f"worker{index}.npz")], cwd=HERE, env=env,
+          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+  finally:
+    for p in procs:  # always clean up, also on timeout or failure
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for index, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"worker {index} failed:\n{out[-3000:]}"
+  results = []
+  for index in range(num_workers):
+    with np.load(tmp_path / f"worker{index}.npz") as f:
+      results.append({k: f[k] for k in f.files})
+  return results
+
+
+@pytest.mark.slow
+def test_two_workers_equal_one_process_with_the_global_batch(tmp_path):
+  workers = run_workers(tmp_path)
+  images, labels = tiny_data(n=8)
+  initial = tiny_backbone(batch_norm=True).get_weights()
+  device = tf.config.list_logical_devices("CPU")[0].name
+  single, logs = multiworker_worker.train_two_steps(
+      tf.distribute.OneDeviceStrategy(device), images, labels, initial)
+  assert all(int(w["replicas"]) == 2 for w in workers)
+  moved = max(np.abs(a - b).max() for a, b in zip(single, initial))
+  assert moved > 1e-3
+  for i, expected in enumerate(single):
+    np.testing.assert_array_equal(workers[0][f"w{i}"], workers[1][f"w{i}"])
+    np.testing.assert_allclose(workers[0][f"w{i}"], expected, rtol=1e-4,
+                               atol=1e-5)
+  for key in ("loss", "fgr_penalty"):
+    np.testing.assert_allclose(workers[0][key], logs[key], rtol=1e-4)
