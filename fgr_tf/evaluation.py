@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from fgr_tf import attacks as attacks_lib
+from fgr_tf import validation
 
 
 def resolve_attacks(attacks):
@@ -40,9 +41,6 @@ def _batches(data, batch_size):
       yield images, labels
     return
   images, labels = data
-  if len(images) != len(labels):
-    raise ValueError(f"images and labels differ in length: {len(images)} vs "
-                     f"{len(labels)}.")
   for start in range(0, len(images), batch_size):
     yield (images[start:start + batch_size], labels[start:start + batch_size])
 
@@ -72,12 +70,20 @@ def evaluate(model, data, attacks, batch_size=256, max_examples=None):
                            iterations=[], seconds=0.0)
                 for name in attack_fns}
   seen = 0
+  channels, classes = validation.model_shape(model)
+  if not isinstance(data, tf.data.Dataset):  # check all arrays up front
+    images = validation.check_images(data[0], "evaluate", channels)
+    validation.check_labels(data[1], "evaluate", classes,
+                            batch=images.shape[0])
   for images, labels in _batches(data, batch_size):
     if max_examples is not None:
       images, labels = images[:max_examples - seen], labels[:max_examples -
                                                            seen]
     if len(images) == 0:
       break
+    images = validation.check_images(images, "evaluate", channels)
+    labels = validation.check_labels(labels, "evaluate", classes,
+                                     batch=images.shape[0])
     images = tf.cast(images, tf.float32)
     labels = tf.cast(labels, tf.int32)
     logits = model(images, training=False)

@@ -1,9 +1,11 @@
 """`FGRModel`: a keras.Model whose train_step adds the FGR / IGR penalties."""
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from fgr_tf import regularizers
+from fgr_tf import validation
 from fgr_tf import warp
 
 _PENALTY_LOGS = ("ce", "fgr_penalty", "igr_penalty")
@@ -116,6 +118,17 @@ class FGRModel(keras.Model):
     super().compile(optimizer=optimizer, loss=loss, jit_compile=jit_compile,
                     **kwargs)
 
+  def fit(self, x=None, y=None, *args, **kwargs):
+    """keras.Model.fit; arrays are checked first (`fgr_tf.validation`):
+    images [N, H, W, C] floats in [0, 1], finite; labels [N] ints in
+    [0, classes)."""
+    if isinstance(x, (np.ndarray, tf.Tensor)):
+      channels, classes = validation.model_shape(self.backbone)
+      validation.check_images(x, "FGRModel.fit", channels)
+      if y is not None:
+        validation.check_labels(y, "FGRModel.fit", classes, batch=len(x))
+    return super().fit(x, y, *args, **kwargs)
+
   def compile_from_config(self, config):
     # keras skips compile_from_config for models that override compile().
     config = keras.saving.deserialize_keras_object(config)
@@ -189,12 +202,13 @@ class FGRModel(keras.Model):
     if sample_weight is not None:
       raise ValueError("FGRModel does not support sample weights: the FGR "
                        "penalty is defined for the unweighted batch mean.")
-    images = tf.convert_to_tensor(images)
-    if images.shape.rank != 4 or not images.dtype.is_floating:
-      raise ValueError(
-          "FGRModel expects float images of shape [batch, height, width, "
-          f"channels] in [0, 1]. Received: shape={images.shape}, "
-          f"dtype={images.dtype.name}")
+    channels, classes = validation.model_shape(self.backbone)
+    images = validation.check_images(images, "FGRModel", channels)
+    labels = validation.check_labels(labels, "FGRModel", classes)
+    if not self.jit_compile:  # (XLA drops Assert ops)
+      with tf.control_dependencies(
+          validation.graph_assertions(images, labels, classes)):
+        images = tf.identity(images)
     images = tf.cast(images, tf.float32)
     local_batch = tf.shape(images)[0]
     ctx, num_replicas, global_batch = self._replica_info(local_batch)

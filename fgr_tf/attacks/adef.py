@@ -90,7 +90,7 @@ def adef(model, images, labels, sigma=0.5, max_iter=100, overshoot=1.1,
     `AttackResult`; `iterations` = iterations each image used; `t_norm` the
     T-norm of the deformation in pixels.
   """
-  images, labels = common.check_inputs(images, labels, "adef")
+  images, labels = common.check_inputs(images, labels, "adef", model)
   if not sigma >= 0:
     raise ValueError(f"sigma must be >= 0 (pixels). Received: sigma={sigma}")
   if not overshoot >= 1:

@@ -5,6 +5,8 @@ import weakref
 
 import tensorflow as tf
 
+from fgr_tf import validation
+
 
 @dataclasses.dataclass
 class AttackResult:
@@ -74,19 +76,13 @@ def cw_margin(logits, labels, kappa=0.0, target=None):
   return tf.maximum(margin, -kappa)
 
 
-def check_inputs(images, labels, name):
-  """Converts and validates a batch; returns (images float32, labels int32)."""
-  images = tf.convert_to_tensor(images)
-  if images.shape.rank != 4 or not images.dtype.is_floating:
-    raise ValueError(
-        f"{name} expects float images of shape [batch, height, width, "
-        f"channels] in [0, 1]. Received: shape={images.shape}, "
-        f"dtype={images.dtype.name}")
-  labels = tf.convert_to_tensor(labels)
-  if labels.shape.rank != 1 or labels.dtype.is_floating:
-    raise ValueError(f"{name} expects integer labels of shape [batch]. "
-                     f"Received: shape={labels.shape}, "
-                     f"dtype={labels.dtype.name}")
+def check_inputs(images, labels, name, model=None):
+  """Validates a batch (`fgr_tf.validation`) against `model`'s input
+  channels and classes; returns (images float32, labels int32)."""
+  channels, classes = validation.model_shape(model)
+  images = validation.check_images(images, name, channels)
+  labels = validation.check_labels(labels, name, classes,
+                                   batch=images.shape[0])
   return tf.cast(images, tf.float32), tf.cast(labels, tf.int32)
 
 

@@ -30,7 +30,7 @@ def flow_pgd(model, images, labels, epsilon=0.01, steps=100, step_size=None,
   Returns:
     `AttackResult` (flow in pixels; iterations = steps).
   """
-  images, labels = common.check_inputs(images, labels, "flow_pgd")
+  images, labels = common.check_inputs(images, labels, "flow_pgd", model)
   if not epsilon >= 0:
     raise ValueError(f"epsilon must be >= 0. Received: epsilon={epsilon}")
   if int(steps) != steps or steps < 1:

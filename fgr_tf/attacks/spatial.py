@@ -50,7 +50,7 @@ def worst_of_k(model, images, labels, max_angle=30.0, max_shift=0.1,
     `AttackResult`; `iterations` = transforms tried until success (all
     tries otherwise); `t_norm` the largest displacement in pixels.
   """
-  images, labels = common.check_inputs(images, labels, "worst_of_k")
+  images, labels = common.check_inputs(images, labels, "worst_of_k", model)
   if grid:
     angles = tf.linspace(-max_angle, max_angle, 31)
     shifts = tf.linspace(-max_shift, max_shift, 5)

@@ -51,7 +51,7 @@ def stadv(model, images, labels, tau=0.05, kappa=0.0, steps=200,
     `AttackResult`; `iterations` counts the Adam steps (over all search
     rounds) until each image first became adversarial (all steps if never).
   """
-  images, labels = common.check_inputs(images, labels, "stadv")
+  images, labels = common.check_inputs(images, labels, "stadv", model)
   if not tau >= 0 or not kappa >= 0:
     raise ValueError(f"tau and kappa must be >= 0. Received: tau={tau}, "
                      f"kappa={kappa}")

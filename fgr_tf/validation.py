@@ -1,0 +1,124 @@
+"""Early, clear errors for bad images and labels.
+
+Every public entry point that takes a batch (FGRModel.fit on arrays, the
+attacks, evaluation) checks it here: shapes and dtypes always, values when
+they are concrete (NumPy arrays or eager tensors). Inside a compiled
+training step only `graph_assertions` applies (cheap min/max checks).
+"""
+
+import numpy as np
+import tensorflow as tf
+
+
+def _is_concrete(x):
+  return isinstance(x, np.ndarray) or (isinstance(x, tf.Tensor) and
+                                       hasattr(x, "numpy"))
+
+
+def model_shape(model):
+  """(channels or None, classes or None) a Keras classifier expects."""
+  channels = classes = None
+  try:
+    channels = model.input_shape[-1]
+  except (AttributeError, ValueError, TypeError):
+    pass
+  try:
+    classes = model.output_shape[-1]
+  except (AttributeError, ValueError, TypeError):
+    pass
+  return channels, classes
+
+
+def check_images(images, where, channels=None):
+  """Validates a batch of images [B, H, W, C], float in [0, 1].
+
+  Args:
+    images: array or tensor.
+    where: the caller's name, put at the front of error messages.
+    channels: the expected C, or None.
+
+  Returns:
+    `images` as a tensor (dtype unchanged).
+
+  Raises:
+    ValueError: wrong rank, channels, dtype (uint8 or other integers: the
+      message says to divide by 255), NaN/Inf, or values outside [0, 1].
+  """
+  concrete = _is_concrete(images)
+  images = tf.convert_to_tensor(images)
+  expected = ("float images of shape [batch, height, width, channels] with "
+              "values in [0, 1]")
+  if images.shape.rank != 4:
+    raise ValueError(f"{where} expects {expected}. Received: shape="
+                     f"{images.shape} (rank {images.shape.rank}).")
+  if not images.dtype.is_floating:
+    hint = (" Convert with fgr_tf.data.to_unit_float(images) (divides by "
+            "255)." if images.dtype.is_integer else "")
+    raise ValueError(f"{where} expects {expected}. Received: dtype="
+                     f"{images.dtype.name}.{hint}")
+  if channels is not None and images.shape[-1] not in (None, channels):
+    raise ValueError(f"{where}: the model expects {channels} channels. "
+                     f"Received: shape={images.shape}.")
+  if concrete and images.shape.num_elements():
+    values = images.numpy()
+    if not np.isfinite(values).all():
+      raise ValueError(f"{where}: images contain NaN or Inf "
+                       f"({int((~np.isfinite(values)).sum())} values).")
+    low, high = float(values.min()), float(values.max())
+    if low < 0.0 or high > 1.0:
+      hint = (" They look like 0-255 pixel values: divide by 255."
+              if high > 1.0 and high <= 255.0 and low >= 0.0 else "")
+      raise ValueError(f"{where} expects image values in [0, 1]. Received: "
+                       f"min {low:g}, max {high:g}.{hint}")
+  return images
+
+
+def check_labels(labels, where, num_classes=None, batch=None):
+  """Validates integer class labels [B] in [0, num_classes).
+
+  Returns:
+    `labels` as a tensor.
+  """
+  concrete = _is_concrete(labels)
+  labels = tf.convert_to_tensor(labels)
+  if labels.shape.rank != 1 or not labels.dtype.is_integer:
+    raise ValueError(f"{where} expects integer labels of shape [batch]. "
+                     f"Received: shape={labels.shape}, dtype="
+                     f"{labels.dtype.name}.")
+  if batch is not None and labels.shape[0] not in (None, batch):
+    raise ValueError(f"{where}: {batch} images but {labels.shape[0]} "
+                     "labels.")
+  if concrete and num_classes and labels.shape.num_elements():
+    values = labels.numpy()
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= num_classes:
+      raise ValueError(f"{where}: labels must be in [0, {num_classes}) for "
+                       f"a model with {num_classes} classes. Received: min "
+                       f"{low}, max {high}.")
+  return labels
+
+
+def graph_assertions(images, labels, num_classes):
+  """Runtime checks for a compiled step (datasets): finite images in
+  [0, 1], labels in [0, num_classes). Returns the ops' control list."""
+  checks = [
+      tf.debugging.assert_all_finite(
+          images, "FGRModel: images contain NaN or Inf"),
+      tf.debugging.assert_greater_equal(
+          tf.reduce_min(images), tf.cast(0.0, images.dtype),
+          message="FGRModel: image values must be in [0, 1] (min < 0)"),
+      tf.debugging.assert_less_equal(
+          tf.reduce_max(images), tf.cast(1.0, images.dtype),
+          message="FGRModel: image values must be in [0, 1] (max > 1; "
+                  "0-255 pixels? divide by 255)"),
+  ]
+  if num_classes:
+    checks += [
+        tf.debugging.assert_non_negative(
+            labels, message="FGRModel: labels must be >= 0"),
+        tf.debugging.assert_less(
+            tf.cast(labels, tf.int64), tf.cast(num_classes, tf.int64),
+            message=f"FGRModel: labels must be < {num_classes} (the number "
+                    "of classes)"),
+    ]
+  return checks
