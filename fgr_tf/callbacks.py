@@ -1,12 +1,15 @@
-"""Keras callbacks: robustness evaluation during training, atomic checkpoints."""
+"""Keras callbacks: robustness evaluation during training, atomic and
+NaN-safe checkpoints."""
 
 import json
 import math
 import os
+import shutil
 
 import keras
 
 from fgr_tf import evaluation
+from fgr_tf import files
 
 
 class RobustnessEvaluation(keras.callbacks.Callback):
@@ -71,14 +74,66 @@ def save_atomically(model, path):
 
   A crash or kill during the write leaves the previous file intact.
   """
-  directory, name = os.path.split(os.path.abspath(path))
-  tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}.keras")
-  try:
-    model.save(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  files.replace_atomically(path, model.save, suffix=".keras")
+
+
+def _finite_loss(logs):
+  loss = (logs or {}).get("loss")
+  return loss is None or math.isfinite(float(loss))
+
+
+class StopOnNaN(keras.callbacks.Callback):
+  """Stops training at the first batch whose loss is NaN or Inf.
+
+  Like keras.callbacks.TerminateOnNaN, and records where: `nan_epoch`
+  (0-based) and `nan_batch`, None while the loss is finite. The checkpoint
+  callbacks here skip epochs whose loss is not finite, so the last good
+  state survives.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.nan_epoch = self.nan_batch = None
+    self._epoch = 0
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._epoch = epoch
+
+  def on_train_batch_end(self, batch, logs=None):
+    if not _finite_loss(logs) and self.nan_epoch is None:
+      self.nan_epoch, self.nan_batch = self._epoch, batch
+      self.model.stop_training = True
+
+
+class NaNSafeBackupAndRestore(keras.callbacks.BackupAndRestore):
+  """keras.callbacks.BackupAndRestore, NaN-safe and atomic.
+
+  Never backs up an epoch whose loss is NaN or Inf (a resumed run restarts
+  from the last good epoch), and writes every file to a temporary name
+  first, then renames it, so a kill during the write leaves the previous
+  backup whole (Keras writes in place and relies on the double checkpoint).
+  """
+
+  def on_epoch_end(self, epoch, logs=None):
+    if _finite_loss(logs):
+      super().on_epoch_end(epoch, logs)
+
+  def _save_model(self):
+    # Replaces keras' BackupAndRestore._save_model (same files and format).
+    os.makedirs(self.backup_dir, exist_ok=True)
+    if self.double_checkpoint:
+      for src, dst in ((self._weights_path, self._prev_weights_path),
+                       (self._training_metadata_path,
+                        self._prev_training_metadata_path)):
+        if os.path.exists(src):
+          files.replace_atomically(
+              dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
+    files.replace_atomically(
+        self._weights_path,
+        lambda tmp: self.model.save_weights(tmp, overwrite=True),
+        suffix=".weights.h5")
+    files.write_text(self._training_metadata_path, json.dumps(
+        {"epoch": self._current_epoch, "batch": self._last_batch_seen}))
 
 
 class AtomicBestCheckpoint(keras.callbacks.Callback):
@@ -106,12 +161,10 @@ class AtomicBestCheckpoint(keras.callbacks.Callback):
 
   def on_epoch_end(self, epoch, logs=None):
     value = (logs or {}).get(self.monitor)
-    if value is None or math.isnan(value) or value <= self.best:
+    if (value is None or math.isnan(value) or value <= self.best or
+        not _finite_loss(logs)):
       return
     self.best = float(value)
     save_atomically(self.model, self.path)
-    tmp = self.state_path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump({"best": self.best, "epoch": epoch + 1,
-                 "monitor": self.monitor}, f)
-    os.replace(tmp, self.state_path)
+    files.write_text(self.state_path, json.dumps(
+        {"best": self.best, "epoch": epoch + 1, "monitor": self.monitor}))

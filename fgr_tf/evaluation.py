@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from fgr_tf import attacks as attacks_lib
+from fgr_tf import files
 from fgr_tf import validation
 
 
@@ -185,13 +186,5 @@ def evaluate_workdir(config, workdir, checkpoint="best", output=None):
   results["checkpoint"] = path
   results["fgr_lambda"] = getattr(model, "fgr_lambda", None)
   results["config"] = json.loads(config.to_json_best_effort())
-  write_json(results, output or os.path.join(workdir, "results.json"))
+  files.write_json(results, output or os.path.join(workdir, "results.json"))
   return results
-
-
-def write_json(obj, path):
-  """Writes `obj` as JSON to a temporary file, then renames it to `path`."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)

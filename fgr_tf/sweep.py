@@ -25,6 +25,7 @@ import time
 from absl import logging
 
 from fgr_tf import evaluation
+from fgr_tf import files
 from fgr_tf import plots
 from fgr_tf import train
 
@@ -106,7 +107,7 @@ def run_variant(config, workdir):
     results = evaluation.evaluate_workdir(config, workdir)
     results["train_seconds"] = trained - start
     results["eval_seconds"] = time.time() - trained
-    evaluation.write_json(results, path)
+    files.write_json(results, path)
   with open(path) as f:
     return json.load(f)
 
@@ -189,7 +190,6 @@ def write_report(config, results, workdir):
       + "`", "",
   ] + [f"![{os.path.basename(p)}]({os.path.basename(p)})"
        for p in plot_paths]
-  with open(os.path.join(workdir, "RESULTS.md"), "w") as f:
-    f.write("\n".join(text) + "\n")
-  evaluation.write_json(results, os.path.join(workdir, "sweep.json"))
+  files.write_text(os.path.join(workdir, "RESULTS.md"), "\n".join(text) + "\n")
+  files.write_json(results, os.path.join(workdir, "sweep.json"))
   return plot_paths

@@ -12,7 +12,6 @@ Writes into `workdir`:
   tensorboard/     TensorBoard logs.
 """
 
-import json
 import os
 
 import keras
@@ -22,10 +21,15 @@ from fgr_tf import attacks
 from fgr_tf import callbacks as callbacks_lib
 from fgr_tf import data as data_lib
 from fgr_tf import distribute
+from fgr_tf import files
 from fgr_tf import models
 from fgr_tf.model import FGRModel
 
 MIXED_PRECISION = ("", "mixed_float16", "mixed_bfloat16")
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN or Inf; the workdir keeps the last good state."""
 
 
 def prepare_workdir(workdir):
@@ -138,13 +142,17 @@ def train_and_evaluate(config, workdir):
 
   Returns:
     The Keras History of this invocation (its epochs only).
+
+  Raises:
+    ValueError: bad settings or data; FileNotFoundError: missing data.
+    TrainingDiverged: the loss became NaN/Inf (nothing good is overwritten).
   """
   if config.mixed_precision not in MIXED_PRECISION:
     raise ValueError(f"Unknown mixed_precision {config.mixed_precision!r}. "
                      f"Expected one of {MIXED_PRECISION}.")
   prepare_workdir(workdir)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  files.write_text(os.path.join(workdir, "config.json"),
+                   config.to_json_best_effort(indent=2))
   keras.utils.set_random_seed(config.seed)
   if config.mixed_precision:
     keras.mixed_precision.set_global_policy(config.mixed_precision)
@@ -167,12 +175,13 @@ def train_and_evaluate(config, workdir):
     model = build_model(config, train_x.shape[1:], num_classes,
                         steps_per_epoch)
 
+  stop_on_nan = callbacks_lib.StopOnNaN()
   callbacks = [
+      stop_on_nan,
       # Kept after the last epoch: re-running a finished workdir is a no-op.
-      keras.callbacks.BackupAndRestore(os.path.join(workdir, "backup"),
-                                       double_checkpoint=True,
-                                       delete_checkpoint=False),
-      keras.callbacks.TerminateOnNaN(),
+      callbacks_lib.NaNSafeBackupAndRestore(os.path.join(workdir, "backup"),
+                                            double_checkpoint=True,
+                                            delete_checkpoint=False),
   ]
   if config.eval.every_n_epochs > 0:
     n = config.eval.callback_examples
@@ -191,9 +200,16 @@ def train_and_evaluate(config, workdir):
   history = model.fit(train_ds, validation_data=val_ds,
                       epochs=config.train.epochs, callbacks=callbacks,
                       verbose=config.train.verbose, shuffle=False)
+  if stop_on_nan.nan_epoch is not None:
+    raise TrainingDiverged(
+        f"Training stopped: the loss became NaN or Inf in epoch "
+        f"{stop_on_nan.nan_epoch + 1}, batch {stop_on_nan.nan_batch}. The "
+        f"last good state is kept in {workdir} (backup/ resumes from the "
+        "last finished epoch; best.keras). Lower train.learning_rate or "
+        "fgr.lam / igr.lam, or use mixed_precision=''.")
   callbacks_lib.save_atomically(model, os.path.join(workdir, "final.keras"))
-  with open(os.path.join(workdir, "train_summary.json"), "w") as f:
-    json.dump({"epochs_this_run": len(history.epoch),
-               "last_epoch": (history.epoch[-1] + 1) if history.epoch
-                             else None}, f)
+  files.write_json({"epochs_this_run": len(history.epoch),
+                    "last_epoch": (history.epoch[-1] + 1) if history.epoch
+                                  else None},
+                   os.path.join(workdir, "train_summary.json"))
   return history

@@ -39,7 +39,12 @@ def test_adversarial_training_attack_changes_the_inputs(attack):
   adv = train.make_adversary(config)(backbone, images, labels,
                                      tf.constant([0, 1])).numpy()
   assert adv.shape == images.shape
-  assert np.abs(adv - images).reshape(len(images), -1).max(1).min() > 1e-6
+  changed = np.abs(adv - images).reshape(len(images), -1).max(1) > 1e-6
+  if attack == "flow_pgd":
+    assert changed.all()
+  else:  # stAdv leaves inputs the model already gets wrong as they are.
+    correct = np.argmax(backbone(images), -1) == labels
+    assert correct.any() and changed[correct].all()
   assert adv.min() >= 0.0 and adv.max() <= 1.0
 
 

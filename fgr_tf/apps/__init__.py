@@ -14,3 +14,25 @@ def prepare():
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if os.getcwd() not in sys.path:
     sys.path.insert(0, os.getcwd())
+
+
+# Errors whose message says what is wrong and what to do: printed without a
+# traceback (set FGR_TF_TRACEBACK=1 to see it).
+USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError)
+
+
+def run(main):
+  """absl.app.run(main), with `USER_ERRORS` printed as one line, exit 1."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  prepare()
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except USER_ERRORS as e:
+      if os.environ.get("FGR_TF_TRACEBACK"):
+        raise
+      name = os.path.basename(sys.argv[0])
+      sys.exit(f"{name}: error: {type(e).__name__}: {e}")
+
+  app.run(guarded)

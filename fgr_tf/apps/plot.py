@@ -45,8 +45,7 @@ def main(argv):
 
 
 def run():
-  apps.prepare()
-  app.run(main)
+  apps.run(main)
 
 
 if __name__ == "__main__":
