@@ -73,6 +73,9 @@ def get_config():
   config.eval.callback_examples = 256
   config.eval.callback_steps = 10
 
+  # Bitwise-reproducible training with the same seed (CPU; GPU where TF's
+  # ops allow): tf.config.experimental.enable_op_determinism(). Slower.
+  config.deterministic = False
   config.strategy = "auto"          # fgr_tf.distribute.STRATEGIES
   config.jit_compile = "auto"       # "auto" = XLA on GPU/TPU only; or bools
   config.mixed_precision = ""       # "", "mixed_float16", "mixed_bfloat16"

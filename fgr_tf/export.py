@@ -3,9 +3,9 @@
 Signatures (images NHWC, the training image size):
   serving_default(images: float32 in [0, 1]) -> {probabilities, classes}
   serving_uint8(images: uint8 in [0, 255])   -> {probabilities, classes}
-Wrong dtypes or shapes are rejected by the signature itself; float values
-outside [0, 1] (e.g. 0-255 floats) fail with an InvalidArgumentError that
-says so.
+Wrong dtypes are rejected by the signature itself, wrong shapes (rank,
+size, channels) and float values outside [0, 1] (e.g. 0-255 floats) or NaN
+with an InvalidArgumentError that says so.
 """
 
 import os
@@ -25,7 +25,14 @@ def _predict(backbone, images):
           "classes": tf.argmax(logits, axis=-1, output_type=tf.int32)}
 
 
-def _serve_float(backbone, images):
+def _check_shape(images, shape):
+  # A loaded signature does not check shapes itself, and a convolution
+  # silently accepts a multiple of its channels (grouped convolution).
+  return tf.ensure_shape(images, shape, name="check_image_shape")
+
+
+def _serve_float(backbone, images, shape):
+  images = _check_shape(images, shape)
   checks = [
       tf.debugging.assert_greater_equal(
           tf.reduce_min(images), 0.0, message=_RANGE_MESSAGE + "; found < 0"),
@@ -37,7 +44,8 @@ def _serve_float(backbone, images):
     return _predict(backbone, tf.identity(images))
 
 
-def _serve_uint8(backbone, images):
+def _serve_uint8(backbone, images, shape):
+  images = _check_shape(images, shape)
   return _predict(backbone, tf.cast(images, tf.float32) / 255.0)
 
 
@@ -65,10 +73,10 @@ def export_saved_model(model, export_dir, input_shape=None):
   archive = keras.export.ExportArchive()
   archive.track(backbone)
   archive.add_endpoint(
-      "serving_default", lambda images: _serve_float(backbone, images),
+      "serving_default", lambda images: _serve_float(backbone, images, shape),
       input_signature=[tf.TensorSpec(shape, tf.float32, name="images")])
   archive.add_endpoint(
-      "serving_uint8", lambda images: _serve_uint8(backbone, images),
+      "serving_uint8", lambda images: _serve_uint8(backbone, images, shape),
       input_signature=[tf.TensorSpec(shape, tf.uint8, name="images")])
   export_dir = os.path.abspath(export_dir)
   tmp = export_dir + ".tmp"

@@ -154,6 +154,8 @@ def train_and_evaluate(config, workdir):
   files.write_text(os.path.join(workdir, "config.json"),
                    config.to_json_best_effort(indent=2))
   keras.utils.set_random_seed(config.seed)
+  if config.deterministic:
+    tf.config.experimental.enable_op_determinism()
   if config.mixed_precision:
     keras.mixed_precision.set_global_policy(config.mixed_precision)
 
