@@ -7,11 +7,17 @@ prints images/s (median and best over --repeats timed steps, after --warmup
 steps) for each mode, and the FGR/plain time ratio from the same run.
 Modes: plain, fgr (lambda 300, random start 0.01), igr, at (flow-PGD
 adversarial training, 10 steps), fgr_at (both), flow_pgd (the attack, 10
-steps, per image attacked), eval (inference forward).
+steps, per image attacked), eval (inference forward), and fit_plain /
+fit_fgr (`model.fit` over the CIFAR input pipeline of `fgr_tf.data`, with
+augmentation: includes data loading and callbacks; one epoch of --repeats
+steps after a warm-up epoch). The JSON output (--json) also holds the
+process's RSS before the first mode and its peak (MiB): run one mode per
+process to compare the memory of modes.
 `--smoke` runs a tiny configuration (CI checks that the bench runs, never
 its speed).
 """
 
+import json
 import os
 import statistics
 import time
@@ -37,6 +43,7 @@ _MODES = flags.DEFINE_list("modes", ["plain", "fgr", "igr", "eval"],
                            "Which steps to time (see the module docstring).")
 _JIT = flags.DEFINE_bool("jit_compile", False, "Compile steps with XLA.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes, for CI.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON line instead.")
 
 def _flow_pgd10(backbone, images, labels, seed=0):
   return fgr_tf.attacks.flow_pgd(backbone, images, labels, epsilon=0.01,
@@ -50,7 +57,33 @@ MODES = {
     "at": dict(fgr_lambda=0.0, rs_sigma=0.0, adversary=_flow_pgd10),
     "fgr_at": dict(fgr_lambda=300.0, rs_sigma=0.01, adversary=_flow_pgd10),
 }
-OTHER_MODES = ("eval", "flow_pgd")
+OTHER_MODES = ("eval", "flow_pgd", "fit_plain", "fit_fgr")
+
+
+def rss_mb():
+  """(current, peak) resident set size of this process, MiB (Linux)."""
+  with open("/proc/self/status") as f:
+    fields = dict(line.split(":", 1) for line in f)
+  return (int(fields["VmRSS"].split()[0]) / 1024,
+          int(fields["VmHWM"].split()[0]) / 1024)
+
+
+def time_fit(mode, backbone, batch, repeats, warmup):
+  """Seconds per step of model.fit on the augmented CIFAR pipeline."""
+  rng = np.random.default_rng(0)
+  n = batch * repeats
+  shape = (n,) + tuple(backbone.input_shape[1:])
+  images = rng.integers(0, 256, size=shape, dtype=np.uint8)
+  labels = rng.integers(0, backbone.output_shape[-1], size=n)
+  dataset = fgr_tf.data.make_dataset(images, labels, batch, train=True,
+                                     dataset_name="cifar10")
+  model = fgr_tf.FGRModel(backbone, **MODES[mode.split("_", 1)[1]])
+  model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+                metrics=["accuracy"])
+  model.fit(dataset, epochs=1, steps_per_epoch=max(warmup, 1), verbose=0)
+  start = time.perf_counter()
+  model.fit(dataset, epochs=1, verbose=0)
+  return [(time.perf_counter() - start) / repeats]
 
 
 def time_mode(mode, backbone, images, labels, warmup, repeats, jit_compile):
@@ -91,8 +124,11 @@ def run(model_name, batch, size, channels, classes, warmup, repeats, modes,
     keras.utils.set_random_seed(0)
     backbone = fgr_tf.models.build(model_name, classes,
                                    (size, size, channels))
-    seconds = time_mode(mode, backbone, images, labels, warmup, repeats,
-                        jit_compile)
+    if mode.startswith("fit_"):
+      seconds = time_fit(mode, backbone, batch, repeats, warmup)
+    else:
+      seconds = time_mode(mode, backbone, images, labels, warmup, repeats,
+                          jit_compile)
     results[mode] = {"median": batch / statistics.median(seconds),
                      "best": batch / min(seconds)}
   return results
@@ -118,12 +154,18 @@ def main(argv):
                   size=_SIZE.value, channels=_CHANNELS.value,
                   classes=_CLASSES.value, warmup=_WARMUP.value,
                   repeats=_REPEATS.value)
+  rss_before = rss_mb()[0]
   results = run(modes=_MODES.value, jit_compile=_JIT.value, **config)
   header = (f"{config['model_name']} batch {config['batch']} "
             f"{config['size']}x{config['size']}x{config['channels']}, "
             f"TF {tf.__version__}, devices "
             f"{[d.device_type for d in tf.config.list_logical_devices()]}")
-  print(format_results(results, header))
+  if _JSON.value:
+    print(json.dumps({"header": header, "results": results,
+                      "rss_before_mb": rss_before,
+                      "peak_rss_mb": rss_mb()[1]}))
+  else:
+    print(format_results(results, header))
 
 
 if __name__ == "__main__":
