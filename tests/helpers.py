@@ -32,3 +32,22 @@ def copy_of(model):
   clone = keras.models.clone_model(model)
   clone.set_weights(model.get_weights())
   return clone
+
+
+def fit_fgr_on_one_batch(strategy, batch_norm, sync_batchnorm, images,
+                         labels, initial_weights, epochs=2):
+  """The tiny FGR + IGR model (no random start) built in `strategy`'s scope,
+  fit for `epochs` steps on one global batch; (backbone weights, logs)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  with strategy.scope():
+    backbone = tiny_backbone(batch_norm=batch_norm,
+                             sync_batchnorm=sync_batchnorm)
+    backbone.set_weights(initial_weights)
+    model = fgr_tf.FGRModel(backbone, fgr_lambda=300.0, rs_sigma=0.0,
+                            igr_lambda=5.0)
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+                  metrics=["accuracy"])
+  dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(
+      len(images))
+  logs = model.fit(dataset, epochs=epochs, shuffle=False, verbose=0).history
+  return model.backbone.get_weights(), logs

@@ -6,23 +6,7 @@ import pytest
 import tensorflow as tf
 
 import fgr_tf
-from helpers import tiny_backbone, tiny_data
-
-
-def one_step_weights(strategy, batch_norm, sync_batchnorm, images, labels,
-                     initial_weights):
-  with strategy.scope():
-    backbone = tiny_backbone(batch_norm=batch_norm,
-                             sync_batchnorm=sync_batchnorm)
-    backbone.set_weights(initial_weights)
-    model = fgr_tf.FGRModel(backbone, fgr_lambda=300.0, rs_sigma=0.0,
-                            igr_lambda=5.0)
-    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                  metrics=["accuracy"])
-  dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(
-      len(images))
-  logs = model.fit(dataset, epochs=2, shuffle=False, verbose=0).history
-  return model.backbone.get_weights(), logs
+from helpers import fit_fgr_on_one_batch, tiny_backbone, tiny_data
 
 
 @pytest.mark.parametrize("batch_norm,sync", [(False, False), (True, True)],
@@ -33,12 +17,12 @@ def test_two_replicas_equal_one_device_with_the_global_batch(batch_norm,
   assert len(devices) >= 2, "conftest configures two logical CPUs"
   images, labels = tiny_data(n=8)
   initial = tiny_backbone(batch_norm=batch_norm).get_weights()
-  single, single_logs = one_step_weights(
+  single, single_logs = fit_fgr_on_one_batch(
       tf.distribute.OneDeviceStrategy(devices[0]), batch_norm, sync, images,
       labels, initial)
   strategy = fgr_tf.distribute.get_strategy("mirrored")
   assert strategy.num_replicas_in_sync == 2
-  mirrored, mirrored_logs = one_step_weights(strategy, batch_norm, sync,
+  mirrored, mirrored_logs = fit_fgr_on_one_batch(strategy, batch_norm, sync,
                                              images, labels, initial)
   moved = max(np.abs(a - b).max() for a, b in zip(single, initial))
   assert moved > 1e-3

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import multiworker_worker
-from helpers import tiny_backbone, tiny_data
+from helpers import fit_fgr_on_one_batch, tiny_backbone, tiny_data
 
 HERE = pathlib.Path(__file__).parent
 TIMEOUT_S = 180
@@ -64,8 +63,9 @@ def test_two_workers_equal_one_process_with_the_global_batch(tmp_path):
   images, labels = tiny_data(n=8)
   initial = tiny_backbone(batch_norm=True).get_weights()
   device = tf.config.list_logical_devices("CPU")[0].name
-  single, logs = multiworker_worker.train_two_steps(
-      tf.distribute.OneDeviceStrategy(device), images, labels, initial)
+  single, logs = fit_fgr_on_one_batch(
+      tf.distribute.OneDeviceStrategy(device), True, True, images, labels,
+      initial)
   assert all(int(w["replicas"]) == 2 for w in workers)
   moved = max(np.abs(a - b).max() for a, b in zip(single, initial))
   assert moved > 1e-3
