@@ -7,6 +7,7 @@ import pytest
 
 from fgr_tf import sweep
 from configs import smoke
+from configs import sweep_cifar10
 from configs import sweep_fashion_mnist
 from configs import sweep_smoke
 from test_workflow import run_app
@@ -80,3 +81,13 @@ def test_sweep_app_needs_a_sweep_section(tmp_path):
                  f"--workdir={tmp_path}", check=False)
   assert proc.returncode != 0
   assert "no `sweep` section" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("module", [sweep_fashion_mnist, sweep_smoke,
+                                    sweep_cifar10])
+def test_every_shipped_sweep_resolves(module):
+  config = module.get_config()
+  resolved = sweep.variants(config)
+  assert len(resolved) == len(config.sweep.variants) >= 3
+  assert resolved["baseline"].fgr.lam == 0
+  assert any(c.adv.attack for c in resolved.values())
