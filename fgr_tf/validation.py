@@ -74,13 +74,15 @@ def check_images(images, where, channels=None):
 
 
 def check_labels(labels, where, num_classes=None, batch=None):
-  """Validates integer class labels [B] in [0, num_classes).
+  """Validates integer class labels [B] (or [B, 1]) in [0, num_classes).
 
   Returns:
-    `labels` as a tensor.
+    `labels` as a tensor of shape [B].
   """
   concrete = _is_concrete(labels)
   labels = tf.convert_to_tensor(labels)
+  if labels.shape.rank == 2 and labels.shape[1] == 1:  # keras.datasets style
+    labels = tf.reshape(labels, [-1])
   if labels.shape.rank != 1 or not labels.dtype.is_integer:
     raise ValueError(f"{where} expects integer labels of shape [batch]. "
                      f"Received: shape={labels.shape}, dtype="

@@ -99,3 +99,5 @@ def test_good_inputs_pass_and_come_back_as_tensors():
   labels = validation.check_labels(GOOD_LABELS, "t", 3, batch=4)
   assert images.dtype == tf.float32 and labels.shape == (4,)
   assert validation.model_shape(tiny_backbone()) == (2, 3)
+  column = validation.check_labels(GOOD_LABELS[:, None], "t", 3, batch=4)
+  assert column.shape == (4,)  # [N, 1] labels (keras.datasets) are accepted
