@@ -98,25 +98,24 @@ def soak(export_dir, requests=1000, warmup=100, seed=0):
   return stats
 
 
-_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "A SavedModel from "
-                                  "fgr-export.")
-_REQUESTS = flags.DEFINE_integer("requests", 1000, "Requests to send.")
-_WARMUP = flags.DEFINE_integer("warmup", 100, "Requests before the warm "
-                               "RSS reading.")
-
-
 def main(argv):
   del argv
-  stats = soak(_EXPORT_DIR.value, _REQUESTS.value, _WARMUP.value)
+  flag = flags.FLAGS
+  stats = soak(flag.export_dir, flag.requests, flag.warmup)
   print(f"{stats['requests']} requests: {stats['accepted']} accepted, "
         f"{stats['rejected']} rejected, {len(stats['wrong'])} wrong "
         f"{sorted(set(stats['wrong']))}")
   print(f"RSS MiB: loaded {stats['rss_loaded_mb']:.1f}, after "
-        f"{_WARMUP.value} requests {stats['rss_warm_mb']:.1f}, at the end "
+        f"{flag.warmup} requests {stats['rss_warm_mb']:.1f}, at the end "
         f"{stats['rss_end_mb']:.1f} (growth after warm-up "
         f"{stats['rss_end_mb'] - stats['rss_warm_mb']:+.1f})")
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: bench.steps defines --warmup too.
+  flags.DEFINE_string("export_dir", None, "A SavedModel from fgr-export.")
+  flags.DEFINE_integer("requests", 1000, "Requests to send.")
+  flags.DEFINE_integer("warmup", 100, "Requests before the warm RSS "
+                       "reading.")
   flags.mark_flags_as_required(["export_dir"])
   app.run(main)
