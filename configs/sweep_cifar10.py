@@ -18,6 +18,7 @@ in your history.csv). AT: flow-PGD, epsilon 0.01, 10 steps.
 import ml_collections
 
 from configs import default
+from configs import sweep_fashion_mnist
 
 
 def get_config():
@@ -26,16 +27,6 @@ def get_config():
   config.adv.epsilon = 0.01
   config.adv.steps = 10
   config.sweep = ml_collections.ConfigDict()
-  # (name, overrides) pairs, in report order.
-  config.sweep.variants = (
-      ("baseline", "fgr.lam=0"),
-      ("igr2000", "fgr.lam=0 igr.lam=2000"),
-      ("igr6000", "fgr.lam=0 igr.lam=6000"),
-      ("fgr100", "fgr.lam=100"),
-      ("fgr200", "fgr.lam=200"),
-      ("fgr300", "fgr.lam=300"),
-      ("at", "fgr.lam=0 adv.attack=flow_pgd"),
-      ("fgr300_at", "fgr.lam=300 adv.attack=flow_pgd"),
-  )
+  config.sweep.variants = sweep_fashion_mnist.paper_variants(fgr_with_at=300)
   config.sweep.only = ""
   return config

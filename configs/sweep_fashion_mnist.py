@@ -16,6 +16,17 @@ import ml_collections
 from configs import fashion_mnist
 
 
+def paper_variants(fgr_with_at, igr=(2000, 6000), fgr=(100, 200, 300)):
+  """(name, overrides) pairs, in report order: baseline, IGR, FGR, flow-PGD
+  AT (the config's adv section) and FGR(`fgr_with_at`) + AT."""
+  return (("baseline", "fgr.lam=0"),
+          *((f"igr{lam}", f"fgr.lam=0 igr.lam={lam}") for lam in igr),
+          *((f"fgr{lam}", f"fgr.lam={lam}") for lam in fgr),
+          ("at", "fgr.lam=0 adv.attack=flow_pgd"),
+          (f"fgr{fgr_with_at}_at",
+           f"fgr.lam={fgr_with_at} adv.attack=flow_pgd"))
+
+
 def get_config():
   config = fashion_mnist.get_config()
   config.train.epochs = 3
@@ -24,16 +35,6 @@ def get_config():
   config.adv.epsilon = 0.01
   config.adv.steps = 5
   config.sweep = ml_collections.ConfigDict()
-  # (name, overrides) pairs, in report order.
-  config.sweep.variants = (
-      ("baseline", "fgr.lam=0"),
-      ("igr2000", "fgr.lam=0 igr.lam=2000"),
-      ("igr6000", "fgr.lam=0 igr.lam=6000"),
-      ("fgr100", "fgr.lam=100"),
-      ("fgr200", "fgr.lam=200"),
-      ("fgr300", "fgr.lam=300"),
-      ("at", "fgr.lam=0 adv.attack=flow_pgd"),
-      ("fgr100_at", "fgr.lam=100 adv.attack=flow_pgd"),
-  )
+  config.sweep.variants = paper_variants(fgr_with_at=100)
   config.sweep.only = ""   # e.g. --config.sweep.only=baseline,fgr100
   return config
