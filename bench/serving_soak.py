@@ -20,18 +20,11 @@ from absl import flags  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from bench.memory import rss_mb  # noqa: E402
+
 REJECTED = (TypeError, ValueError, tf.errors.InvalidArgumentError)
 INVALID_KINDS = ("uint8_to_float", "float_to_uint8", "int32", "rank3",
                  "channels", "size", "0-255 floats", "negative", "nan")
-
-
-def rss_mb():
-  """Resident set size of this process, MiB (Linux /proc)."""
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1]) / 1024
-  raise RuntimeError("VmRSS not found in /proc/self/status")
 
 
 def _request(kind, shape, rng):
@@ -75,11 +68,11 @@ def soak(export_dir, requests=1000, warmup=100, seed=0):
   shape = tuple(spec["images"].shape[1:])
   rng = random.Random(seed)
   kinds = ("valid_float", "valid_uint8") * 4 + INVALID_KINDS
-  stats = {"rss_loaded_mb": rss_mb(), "accepted": 0, "rejected": 0,
+  stats = {"rss_loaded_mb": rss_mb()[0], "accepted": 0, "rejected": 0,
            "wrong": []}
   for i in range(requests):
     if i == warmup:
-      stats["rss_warm_mb"] = rss_mb()
+      stats["rss_warm_mb"] = rss_mb()[0]
     kind = rng.choice(kinds)
     name, images = _request(kind, shape, rng)
     try:
@@ -92,7 +85,7 @@ def soak(export_dir, requests=1000, warmup=100, seed=0):
       stats["rejected"] += 1
     if not ok:
       stats["wrong"].append(kind)
-  stats["rss_end_mb"] = rss_mb()
+  stats["rss_end_mb"] = rss_mb()[0]
   stats.setdefault("rss_warm_mb", stats["rss_loaded_mb"])
   stats["requests"] = requests
   return stats

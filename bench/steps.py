@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import fgr_tf  # noqa: E402
+from bench.memory import rss_mb  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", "vgg11", "Backbone name.")
 _BATCH = flags.DEFINE_integer("batch", 128, "Batch size.")
@@ -58,14 +59,6 @@ MODES = {
     "fgr_at": dict(fgr_lambda=300.0, rs_sigma=0.01, adversary=_flow_pgd10),
 }
 OTHER_MODES = ("eval", "flow_pgd", "fit_plain", "fit_fgr")
-
-
-def rss_mb():
-  """(current, peak) resident set size of this process, MiB (Linux)."""
-  with open("/proc/self/status") as f:
-    fields = dict(line.split(":", 1) for line in f)
-  return (int(fields["VmRSS"].split()[0]) / 1024,
-          int(fields["VmHWM"].split()[0]) / 1024)
 
 
 def time_fit(mode, backbone, batch, repeats, warmup):

@@ -72,19 +72,21 @@ def evaluate(model, data, attacks, batch_size=256, max_examples=None):
                 for name in attack_fns}
   seen = 0
   channels, classes = validation.model_shape(model)
-  if not isinstance(data, tf.data.Dataset):  # check all arrays up front
+  from_dataset = isinstance(data, tf.data.Dataset)
+  if not from_dataset:  # arrays: check them all once, up front
     images = validation.check_images(data[0], "evaluate", channels)
-    validation.check_labels(data[1], "evaluate", classes,
-                            batch=images.shape[0])
+    data = (images, validation.check_labels(data[1], "evaluate", classes,
+                                            batch=images.shape[0]))
   for images, labels in _batches(data, batch_size):
     if max_examples is not None:
       images, labels = images[:max_examples - seen], labels[:max_examples -
                                                            seen]
     if len(images) == 0:
       break
-    images = validation.check_images(images, "evaluate", channels)
-    labels = validation.check_labels(labels, "evaluate", classes,
-                                     batch=images.shape[0])
+    if from_dataset:
+      images = validation.check_images(images, "evaluate", channels)
+      labels = validation.check_labels(labels, "evaluate", classes,
+                                       batch=images.shape[0])
     images = tf.cast(images, tf.float32)
     labels = tf.cast(labels, tf.int32)
     logits = model(images, training=False)

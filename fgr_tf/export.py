@@ -14,9 +14,7 @@ import shutil
 import keras
 import tensorflow as tf
 
-
-_RANGE_MESSAGE = ("images must be float32 in [0, 1] (or use the "
-                  "serving_uint8 signature for 0-255 uint8)")
+from fgr_tf import validation
 
 
 def _predict(backbone, images):
@@ -33,13 +31,9 @@ def _check_shape(images, shape):
 
 def _serve_float(backbone, images, shape):
   images = _check_shape(images, shape)
-  checks = [
-      tf.debugging.assert_greater_equal(
-          tf.reduce_min(images), 0.0, message=_RANGE_MESSAGE + "; found < 0"),
-      tf.debugging.assert_less_equal(
-          tf.reduce_max(images), 1.0, message=_RANGE_MESSAGE + "; found > 1"),
-      tf.debugging.assert_all_finite(images, "images contain NaN or Inf"),
-  ]
+  checks = validation.image_assertions(
+      images, "serving_default",
+      hint=" (or use the serving_uint8 signature for 0-255 uint8)")
   with tf.control_dependencies(checks):
     return _predict(backbone, tf.identity(images))
 

@@ -120,10 +120,11 @@ def run_sweep(config, workdir):
   """
   import keras  # pylint: disable=g-import-not-at-top
   all_variants = variants(config)
+  overrides = variant_overrides(config)
   results = {}
   for i, (name, variant_config) in enumerate(all_variants.items()):
     logging.info("Variant %d/%d: %s (%s)", i + 1, len(all_variants), name,
-                 variant_overrides(config)[name])
+                 overrides[name])
     keras.backend.clear_session()
     results[name] = run_variant(variant_config,
                                 os.path.join(workdir, name))

@@ -100,20 +100,26 @@ def check_labels(labels, where, num_classes=None, batch=None):
   return labels
 
 
-def graph_assertions(images, labels, num_classes):
-  """Runtime checks for a compiled step (datasets): finite images in
-  [0, 1], labels in [0, num_classes). Returns the ops' control list."""
-  checks = [
+def image_assertions(images, where, hint=""):
+  """Runtime checks for a compiled function: finite images in [0, 1].
+  Returns the assertion ops (for tf.control_dependencies)."""
+  return [
       tf.debugging.assert_all_finite(
-          images, "FGRModel: images contain NaN or Inf"),
+          images, f"{where}: images contain NaN or Inf"),
       tf.debugging.assert_greater_equal(
           tf.reduce_min(images), tf.cast(0.0, images.dtype),
-          message="FGRModel: image values must be in [0, 1] (min < 0)"),
+          message=f"{where}: image values must be in [0, 1] (min < 0){hint}"),
       tf.debugging.assert_less_equal(
           tf.reduce_max(images), tf.cast(1.0, images.dtype),
-          message="FGRModel: image values must be in [0, 1] (max > 1; "
-                  "0-255 pixels? divide by 255)"),
+          message=f"{where}: image values must be in [0, 1] (max > 1; "
+                  f"0-255 pixels? divide by 255){hint}"),
   ]
+
+
+def graph_assertions(images, labels, num_classes):
+  """Runtime checks for a compiled training step (datasets): finite images
+  in [0, 1], labels in [0, num_classes). Returns the assertion ops."""
+  checks = image_assertions(images, "FGRModel")
   if num_classes:
     checks += [
         tf.debugging.assert_non_negative(
