@@ -43,6 +43,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps per mode.")
 _MODES = flags.DEFINE_list("modes", ["plain", "fgr", "igr", "eval"],
                            "Which steps to time (see the module docstring).")
 _JIT = flags.DEFINE_bool("jit_compile", False, "Compile steps with XLA.")
+_DTYPE = flags.DEFINE_enum(
+    "dtype", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
+    "Layer dtype policy of the backbone (the penalties stay float32).")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes, for CI.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON line instead.")
 
@@ -79,8 +82,8 @@ def time_fit(mode, backbone, batch, repeats, warmup):
   return [(time.perf_counter() - start) / repeats]
 
 
-def time_mode(mode, backbone, images, labels, warmup, repeats, jit_compile):
-  """Returns the list of seconds per timed step."""
+def make_step(mode, backbone, images, labels, jit_compile):
+  """A no-argument callable that runs one step of `mode` to completion."""
   if mode == "eval":
     forward = tf.function(lambda x: backbone(x, training=False),
                           jit_compile=jit_compile)
@@ -92,6 +95,12 @@ def time_mode(mode, backbone, images, labels, warmup, repeats, jit_compile):
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
                   jit_compile=jit_compile)
     step = lambda: model.train_on_batch(images, labels)
+  return step
+
+
+def time_mode(mode, backbone, images, labels, warmup, repeats, jit_compile):
+  """Returns the list of seconds per timed step."""
+  step = make_step(mode, backbone, images, labels, jit_compile)
   for _ in range(warmup):
     step()
   seconds = []
@@ -103,7 +112,7 @@ def time_mode(mode, backbone, images, labels, warmup, repeats, jit_compile):
 
 
 def run(model_name, batch, size, channels, classes, warmup, repeats, modes,
-        jit_compile=False):
+        jit_compile=False, dtype="float32"):
   """Times each mode; returns {mode: {"median": img/s, "best": img/s}}."""
   unknown = set(modes) - set(MODES) - set(OTHER_MODES)
   if unknown:
@@ -116,7 +125,7 @@ def run(model_name, batch, size, channels, classes, warmup, repeats, modes,
   for mode in modes:
     keras.utils.set_random_seed(0)
     backbone = fgr_tf.models.build(model_name, classes,
-                                   (size, size, channels))
+                                   (size, size, channels), dtype=dtype)
     if mode.startswith("fit_"):
       seconds = time_fit(mode, backbone, batch, repeats, warmup)
     else:
@@ -148,9 +157,11 @@ def main(argv):
                   classes=_CLASSES.value, warmup=_WARMUP.value,
                   repeats=_REPEATS.value)
   rss_before = rss_mb()[0]
-  results = run(modes=_MODES.value, jit_compile=_JIT.value, **config)
+  results = run(modes=_MODES.value, jit_compile=_JIT.value,
+                dtype=_DTYPE.value, **config)
   header = (f"{config['model_name']} batch {config['batch']} "
-            f"{config['size']}x{config['size']}x{config['channels']}, "
+            f"{config['size']}x{config['size']}x{config['channels']} "
+            f"{_DTYPE.value}, "
             f"TF {tf.__version__}, devices "
             f"{[d.device_type for d in tf.config.list_logical_devices()]}")
   if _JSON.value:

@@ -70,6 +70,39 @@ def test_weight_decay_is_pytorch_coupled_l2():
     fgr_tf.models.build("small_cnn", 10, (8, 8, 1), weight_decay=-1)
 
 
+def test_fused_batchnorm_equals_the_unfused_path(monkeypatch):
+  """float32 runs TF's fused kernel; outputs, input gradients and the
+  moving statistics (biased variance, as Keras) equal the unfused path."""
+  rng = np.random.default_rng(0)
+  x = tf.constant(rng.normal(1.0, 2.0, size=(4, 5, 5, 3)), tf.float32)
+  upstream = tf.constant(rng.normal(size=(4, 5, 5, 3)), tf.float32)
+
+  def run():
+    keras.utils.set_random_seed(0)
+    layer = batch_norm.BatchNormalization(epsilon=1e-5, momentum=0.9)
+    layer.build(x.shape)
+    layer.gamma.assign([0.5, 1.0, 2.0])
+    layer.beta.assign([0.1, -0.2, 0.3])
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      train_out = layer(x, training=True)
+    grad = tape.gradient(train_out, x, upstream)
+    return [train_out, grad, layer.moving_mean, layer.moving_variance,
+            layer(x, training=False)]
+
+  fused = run()
+  assert batch_norm.BatchNormalization(epsilon=1e-5)._can_fuse(x, True, None)
+  monkeypatch.setattr(batch_norm.BatchNormalization, "_can_fuse",
+                      lambda *args: False)
+  unfused = run()
+  for name, a, b in zip(["train", "grad", "moving_mean", "moving_var",
+                         "inference"], fused, unfused):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+  # Moving variance from the biased batch variance:
+  np.testing.assert_allclose(
+      fused[3], 0.9 + 0.1 * np.var(x.numpy(), axis=(0, 1, 2)), rtol=1e-5)
+
+
 @pytest.mark.parametrize("layer_cls", [batch_norm.BatchNormalization,
                                        keras.layers.BatchNormalization])
 def test_batchnorm_second_derivative_vs_finite_differences(layer_cls):

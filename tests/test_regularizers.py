@@ -18,11 +18,11 @@ def golden():
   return load_npz("golden_shared32.npz")
 
 
-def build_golden_vgg(golden):
-  """The reference's small VGG in float64, with the reference's weights."""
+def build_golden_vgg(golden, dtype="float64"):
+  """The reference's small VGG (float64 by default), with its weights."""
   cfg = [v if v == "M" else int(v) for v in golden["cfg"]]
   model = vgg_lib.vgg(cfg, 10, (H, W, 3),
-                      layers_lib.LayerFactory(dtype="float64"))
+                      layers_lib.LayerFactory(dtype=dtype))
   convs = sum(1 for v in cfg if v != "M")
   for i in range(convs):
     model.get_layer(f"conv{i}").set_weights(
@@ -194,3 +194,35 @@ def test_global_batch_size_gives_the_share_of_the_global_mean():
       model, tf.concat([images, images], 0), tf.concat([labels, labels], 0),
       training=False)
   np.testing.assert_allclose(doubled, penalty / 4, rtol=1e-12)
+
+
+def test_golden_parameter_gradients_in_float32_through_fused_batchnorm(golden):
+  """float32 takes the fused BatchNorm kernels; second derivatives still
+  match the original's parameter gradients of ce + lam * penalty."""
+  model = build_golden_vgg(golden, dtype="float32")
+  images = tf.constant(golden["images"], tf.float32)
+  graph = tf.function(lambda x: model(x, training=True)).get_concrete_function(
+      tf.TensorSpec(images.shape, tf.float32)).graph
+  assert "FusedBatchNormV3" in {op.type for op in graph.get_operations()}
+  labels = tf.constant(golden["labels"])
+  mask = np.ones((1, H, W, 2), np.float32)
+  mask[:, :, W - 1, 0] = 0
+  mask[:, H - 1, :, 1] = 0
+  with tf.GradientTape() as tape:
+    loss, input_grad, _ = regularizers.loss_and_input_gradient(
+        model, images, labels)
+    xy = fgr_tf.pixel_flow_gradient_to_normalized(
+        regularizers.flow_gradient_from_input_gradient(images, input_grad),
+        H, W)
+    interior = tf.reduce_mean(tf.reduce_sum(tf.square(xy * mask), [1, 2, 3]))
+    total = loss + float(golden["lam"]) * interior
+  np.testing.assert_allclose(interior, golden["penalty"], rtol=1e-5)
+  grads = tape.gradient(total, model.trainable_variables)
+  for variable, grad in zip(model.trainable_variables, grads):
+    key = golden_key(variable)
+    if key.startswith("conv") and key.endswith("bias"):
+      continue  # zero up to round-off: BatchNorm follows every conv
+    expected = golden[key + "_grad"]
+    np.testing.assert_allclose(grad, expected, rtol=0,
+                               atol=3e-5 * np.abs(expected).max(),
+                               err_msg=key)

@@ -1,0 +1,111 @@
+"""Where a step's time goes: total time per TF op type, from tf.profiler.
+
+  python -m bench.profile_ops --model vgg11 --batch 128 --mode fgr
+
+runs --warmup untimed steps, traces --steps steps with
+`tf.profiler.experimental`, and prints the op types that took the most
+time (milliseconds per step, summed over the CPU threads that ran them, so
+the total can exceed the wall time on several cores), with their share and
+call counts. Reads the trace's XPlane proto directly: no TensorBoard
+plugin needed. Modes are those of `bench.steps` (plain, fgr, igr, at,
+fgr_at, eval, flow_pgd).
+"""
+
+import collections
+import glob
+import os
+import tempfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from tensorflow.tsl.profiler.protobuf import xplane_pb2  # noqa: E402
+
+import fgr_tf  # noqa: E402
+from bench import steps  # noqa: E402
+
+
+# oneDNN's rewrites of TF ops (e.g. "_MklNativeConv2DBackpropFilter").
+_ONEDNN_PREFIXES = ("_MklNative", "_Mkl", "_")
+
+
+def op_times(xspace_path):
+  """{op type: (total ms, calls)} over the host plane's TF op events.
+
+  TF's executor names each op event "<op name>:<op type>"; events without
+  a ":" and bookkeeping ("ExecutorState::Process") are skipped, since they
+  contain the ops and would count them twice; oneDNN's "_MklNative" prefix
+  is dropped.
+  """
+  space = xplane_pb2.XSpace()
+  with open(xspace_path, "rb") as f:
+    space.ParseFromString(f.read())
+  totals = collections.defaultdict(lambda: [0.0, 0])
+  for plane in space.planes:
+    if not plane.name.startswith("/host:CPU"):
+      continue
+    names = {k: v.name for k, v in plane.event_metadata.items()}
+    for line in plane.lines:
+      for event in line.events:
+        name = names.get(event.metadata_id, "")
+        if ":" not in name or "::" in name or name.startswith("$"):
+          continue
+        op_type = name.rsplit(":", 1)[1]
+        for prefix in _ONEDNN_PREFIXES:
+          op_type = op_type.removeprefix(prefix)
+        if not op_type[:1].isupper() or " " in op_type:
+          continue
+        totals[op_type][0] += event.duration_ps / 1e9
+        totals[op_type][1] += 1
+  return {k: tuple(v) for k, v in totals.items()}
+
+
+def profile(mode, model_name, batch, size, channels, classes, warmup,
+            num_steps, logdir):
+  """Traces `num_steps` steps of `mode`; returns op_times per step."""
+  rng = np.random.default_rng(0)
+  images = rng.uniform(size=(batch, size, size, channels)).astype(np.float32)
+  labels = rng.integers(0, classes, size=batch).astype(np.int32)
+  backbone = fgr_tf.models.build(model_name, classes, (size, size, channels))
+  step = steps.make_step(mode, backbone, images, labels, jit_compile=False)
+  for _ in range(warmup):
+    step()
+  tf.profiler.experimental.start(logdir)
+  for _ in range(num_steps):
+    step()
+  tf.profiler.experimental.stop()
+  (path,) = glob.glob(os.path.join(logdir, "plugins", "profile", "*",
+                                   "*.xplane.pb"))
+  return {k: (ms / num_steps, calls / num_steps)
+          for k, (ms, calls) in op_times(path).items()}
+
+
+def format_table(times, top):
+  total = sum(ms for ms, _ in times.values())
+  lines = [f"{'op type':<36}{'ms/step':>10}{'share':>8}{'calls/step':>12}"]
+  for op, (ms, calls) in sorted(times.items(), key=lambda kv: -kv[1][0])[:top]:
+    lines.append(f"{op:<36}{ms:>10.1f}{ms / total:>8.1%}{calls:>12.0f}")
+  lines.append(f"{'all ops':<36}{total:>10.1f}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  flags_ = flags.FLAGS
+  with tempfile.TemporaryDirectory() as logdir:
+    times = profile(flags_.mode, flags_.model, flags_.batch, flags_.image_size,
+                    flags_.channels, flags_.classes, flags_.warmup,
+                    flags_.steps, logdir)
+  print(f"{flags_.model} batch {flags_.batch}, mode {flags_.mode}, "
+        f"{flags_.steps} traced steps")
+  print(format_table(times, flags_.top))
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("mode", "fgr", "Which step to profile.")
+  flags.DEFINE_integer("steps", 3, "Traced steps.")
+  flags.DEFINE_integer("top", 25, "How many op types to print.")
+  app.run(main)
