@@ -9,12 +9,16 @@ kuangliu-style CIFAR VGG-11 with BatchNorm; the flow warp as
 step (random start, zero flow with requires_grad, CE with mean reduction,
 `autograd.grad(..., create_graph=True)`, squared-gradient penalty, SGD with
 momentum and weight decay); the multi-step flow attack (10 signed steps);
-the eval forward. Prints one JSON line {mode: images/s (median)}. Not part
+the eval forward. `--dtype bfloat16` runs every model forward under
+`torch.autocast("cpu", torch.bfloat16)` (what a PyTorch user does for
+bf16 on CPU), to compare with fgr_tf's `mixed_bfloat16`. Prints one JSON
+line {mode: images/s (median)}. Not part
 of the library or its tests (PyTorch is not a dependency); `bench.compare`
 runs it beside `bench.steps`.
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -99,7 +103,13 @@ def main():
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--modes", default="plain,fgr,flow_pgd,eval")
+  parser.add_argument("--dtype", default="float32",
+                      choices=["float32", "bfloat16"])
   args = parser.parse_args()
+  if args.dtype == "bfloat16":
+    precision = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+  else:
+    precision = contextlib.nullcontext
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
   x = torch.rand(args.batch, 3, 32, 32)
@@ -118,14 +128,17 @@ def main():
         "eval": lambda: eval_forward(model, x),
     }[mode]
     for _ in range(args.warmup):
-      step()
+      with precision():
+        step()
     seconds = []
     for _ in range(args.repeats):
       start = time.perf_counter()
-      step()
+      with precision():
+        step()
       seconds.append(time.perf_counter() - start)
     results[mode] = args.batch / statistics.median(seconds)
-  print(json.dumps({"torch": torch.__version__, "images_per_s": results}))
+  print(json.dumps({"torch": torch.__version__, "dtype": args.dtype,
+                    "images_per_s": results}))
 
 
 if __name__ == "__main__":

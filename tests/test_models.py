@@ -103,6 +103,47 @@ def test_fused_batchnorm_equals_the_unfused_path(monkeypatch):
       fused[3], 0.9 + 0.1 * np.var(x.numpy(), axis=(0, 1, 2)), rtol=1e-5)
 
 
+def test_fused_batchnorm_second_derivatives_equal_the_float64_layer():
+  """The hand-written gradient of the fused backward pass, all cotangents:
+  a penalty on the gradients w.r.t. the input AND gamma and beta,
+  differentiated w.r.t. conv kernel, gamma and beta, float32 fused vs the
+  unfused float64 layer."""
+  rng = np.random.default_rng(1)
+  images = rng.uniform(size=(3, 5, 5, 2))
+  upstream = rng.normal(size=(3, 5, 5, 4))
+  kernel = rng.normal(size=(3, 3, 2, 4)) * 0.5
+  gamma, beta = rng.uniform(0.5, 2.0, size=4), rng.normal(size=4)
+
+  def outer_gradients(dtype):
+    layer = batch_norm.BatchNormalization(epsilon=1e-5, dtype=dtype)
+    layer.build((3, 5, 5, 4))
+    layer.gamma.assign(gamma)
+    layer.beta.assign(beta)
+    w = tf.Variable(kernel, dtype=dtype)
+    x = tf.constant(images, dtype)
+    with tf.GradientTape() as outer:
+      with tf.GradientTape() as inner:
+        inner.watch(x)
+        conv = tf.nn.conv2d(x, w, 1, "SAME")
+        y = layer(conv, training=True)
+        loss = tf.reduce_sum(tf.nn.relu(y) * upstream) + tf.reduce_sum(
+            tf.square(y))
+      gx, gg, gb = inner.gradient(loss, [x, layer.gamma, layer.beta])
+      penalty = (tf.reduce_sum(tf.square(gx)) + tf.reduce_sum(tf.square(gg))
+                 + 0.5 * tf.reduce_sum(tf.square(gb)))
+    return [g.numpy() for g in outer.gradient(penalty,
+                                              [w, layer.gamma, layer.beta])]
+
+  layer32 = batch_norm.BatchNormalization()
+  assert layer32._can_fuse(tf.zeros((3, 5, 5, 4)), True, None)
+  for name, ours, exact in zip(["kernel", "gamma", "beta"],
+                               outer_gradients("float32"),
+                               outer_gradients("float64")):
+    np.testing.assert_allclose(ours, exact, rtol=0,
+                               atol=1e-4 * np.abs(exact).max(), err_msg=name)
+    assert np.abs(exact).max() > 1e-3, name
+
+
 @pytest.mark.parametrize("layer_cls", [batch_norm.BatchNormalization,
                                        keras.layers.BatchNormalization])
 def test_batchnorm_second_derivative_vs_finite_differences(layer_cls):

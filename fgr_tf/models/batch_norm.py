@@ -12,17 +12,15 @@ gradients of `ce + 300 * FGR` were off by up to 46% of their largest entry
 differences).
 
 Speed: for float32 NHWC inputs (the common case) the layer runs TF's fused
-kernel (`FusedBatchNormV3`, oneDNN on CPU, cuDNN on GPU), whose registered
-gradient `FusedBatchNormGradV3` is fused too. Its own gradient (TF's
-`_FusedBatchNormGradGrad`) recomputes the batch statistics from x without
-a stop_gradient on the mean where it matters, so second derivatives stay
-exact (tested against this module's unfused float64 path and finite
-differences). Other dtypes, masks, synchronized and renormalized statistics
-take the unfused path.
+kernels (oneDNN on CPU, cuDNN on GPU) with a hand-written second derivative
+(`fused_batch_norm`). Other dtypes, masks, synchronized and renormalized
+statistics take the unfused path below.
 """
 
 import keras
 import tensorflow as tf
+
+from fgr_tf.models import fused_batch_norm
 
 
 @keras.saving.register_keras_serializable(package="fgr_tf")
@@ -46,24 +44,21 @@ class BatchNormalization(keras.layers.BatchNormalization):
     if not self._can_fuse(inputs, training, mask):
       return super().call(inputs, training=training, mask=mask)
     inputs = tf.cast(inputs, tf.float32)
-    is_training = bool(training and self.trainable)
-    empty = tf.zeros([0], tf.float32)
-    outputs, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-        x=inputs, scale=tf.cast(self.gamma, tf.float32),
-        offset=tf.cast(self.beta, tf.float32),
-        mean=empty if is_training else tf.cast(self.moving_mean, tf.float32),
-        variance=(empty if is_training else
-                  tf.cast(self.moving_variance, tf.float32)),
-        epsilon=self.epsilon, is_training=is_training, data_format="NHWC")
-    if is_training:
-      # The kernel returns the unbiased variance; Keras's moving average
-      # (and the unfused path) uses the biased one.
-      count = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], tf.float32)
-      variance = variance * (count - 1.0) / tf.maximum(count, 1.0)
-      for moving, batch in ((self.moving_mean, mean),
-                            (self.moving_variance, variance)):
-        moving.assign(tf.cast(moving, tf.float32) * self.momentum +
-                      tf.stop_gradient(batch) * (1.0 - self.momentum))
+    gamma = tf.cast(self.gamma, tf.float32)
+    beta = tf.cast(self.beta, tf.float32)
+    if not (training and self.trainable):
+      outputs = tf.raw_ops.FusedBatchNormV3(
+          x=inputs, scale=gamma, offset=beta,
+          mean=tf.cast(self.moving_mean, tf.float32),
+          variance=tf.cast(self.moving_variance, tf.float32),
+          epsilon=self.epsilon, is_training=False, data_format="NHWC")[0]
+      return tf.cast(outputs, self.compute_dtype)
+    outputs, mean, variance = fused_batch_norm.train_batch_norm(
+        inputs, gamma, beta, self.epsilon)
+    for moving, batch in ((self.moving_mean, mean),
+                          (self.moving_variance, variance)):
+      moving.assign(tf.cast(moving, tf.float32) * self.momentum +
+                    batch * (1.0 - self.momentum))
     return tf.cast(outputs, self.compute_dtype)
 
   def _moments(self, inputs, mask):
