@@ -3,7 +3,9 @@
   .venv/bin/python tests/golden_report.py
 
 The numbers quoted in README.md ("Agreement with the original") come from
-this script; test_regularizers.py asserts the bounds.
+this script; test_regularizers.py asserts the bounds. It also prints what
+lower precision costs (docs/PERFORMANCE.md): the gradient of
+ce + lam * penalty under float32 and the mixed policies, against float64.
 """
 
 import os
@@ -61,6 +63,40 @@ def report(golden):
   }
 
 
+def objective_gradients(golden, dtype):
+  """(ce, penalty, flat parameter gradient of ce + lam * penalty)."""
+  model = build_golden_vgg(golden, dtype)
+  float_type = "float64" if dtype == "float64" else "float32"
+  images = tf.constant(golden["images"], float_type)
+  with tf.GradientTape() as tape:
+    loss, penalty = regularizers.flow_gradient_penalty(
+        model, images, tf.constant(golden["labels"]))
+    total = loss + float(golden["lam"]) * penalty
+  grads = tape.gradient(total, model.trainable_variables)
+  flat = np.concatenate([
+      tf.cast(g, tf.float64).numpy().ravel()
+      for v, g in zip(model.trainable_variables, grads)
+      if not golden_key(v).startswith("conv") or
+      not golden_key(v).endswith("bias")])  # conv biases: ~0 before BN
+  return float(loss), float(penalty), flat
+
+
+def precision_report(golden):
+  """{policy: errors against float64} for float32 and the mixed policies."""
+  ce64, penalty64, grad64 = objective_gradients(golden, "float64")
+  rows = {}
+  for policy in ("float32", "mixed_bfloat16", "mixed_float16"):
+    ce, penalty, grad = objective_gradients(golden, policy)
+    rows[policy] = {
+        "ce_rel_err": abs(ce - ce64) / ce64,
+        "penalty_rel_err": abs(penalty - penalty64) / penalty64,
+        "grad_rel_err": np.linalg.norm(grad - grad64) / np.linalg.norm(grad64),
+        "grad_cosine": grad @ grad64 / np.linalg.norm(grad) /
+                       np.linalg.norm(grad64),
+    }
+  return rows
+
+
 def main():
   golden = load_npz("golden_shared32.npz")
   print("fgr_tf BatchNormalization:")
@@ -78,6 +114,10 @@ def main():
       print(f"  {key}: {value}")
   finally:
     batch_norm.BatchNormalization._moments = original
+  print("precision: errors against float64 (gradient of ce + lam * penalty "
+        "w.r.t. all weights):")
+  for policy, row in precision_report(golden).items():
+    print(f"  {policy}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 import pytest
 
+from bench import batch_norm
+from bench import profile_ops
 from bench import steps
 
 
@@ -18,3 +20,20 @@ def test_bench_smoke_reports_every_mode():
 def test_bench_rejects_unknown_mode():
   with pytest.raises(ValueError, match="Unknown modes \\['fast'\\]"):
     steps.run("small_cnn", 4, 8, 1, 3, 1, 1, ["fast"])
+
+
+def test_batch_norm_bench_runs_and_its_implementations_agree():
+  results = batch_norm.run((2, 4, 4, 3), repeats=1)
+  assert set(results) == set(batch_norm.IMPLEMENTATIONS)
+  for first_ms, second_ms, diff in results.values():
+    assert first_ms > 0 and second_ms > 0
+    assert diff < 1e-4
+
+
+def test_profile_ops_counts_the_convolutions_of_a_step(tmp_path):
+  times = profile_ops.profile("plain", "small_cnn", batch=4, size=8,
+                              channels=1, classes=3, warmup=1, num_steps=1,
+                              logdir=str(tmp_path))
+  assert any("Conv2D" in op for op in times), sorted(times)
+  assert all(ms >= 0 and calls > 0 for ms, calls in times.values())
+  assert "all ops" in profile_ops.format_table(times, top=5)
