@@ -3,6 +3,7 @@
 import keras
 
 from fgr_tf.models import batch_norm
+from fgr_tf.models import gemm_conv
 
 # PyTorch's BatchNorm2d: eps 1e-5, running = 0.9 running + 0.1 batch.
 BN_EPSILON = 1e-5
@@ -33,7 +34,7 @@ class LayerFactory:
                if weight_decay > 0 else None)
 
   def conv(self, filters, name, strides=1, kernel_size=3, use_bias=True):
-    return keras.layers.Conv2D(
+    return gemm_conv.Conv2D(
         filters, kernel_size, strides=strides, padding="same",
         use_bias=use_bias, kernel_regularizer=self.l2,
         bias_regularizer=self.l2 if use_bias else None, dtype=self.dtype,

@@ -1,0 +1,88 @@
+"""3x3 convolutions on small feature maps as one matrix product.
+
+On CPU, oneDNN's convolution kernels are slow on tiny feature maps with
+many channels: a VGG-11 3x3 conv on 2x2x512 ran at ~1/4 of the FLOP rate
+of the same network's 16x16 layers (`bench.profile_ops`). Gathering the
+3x3 neighbourhoods ("im2col": 9 shifted slices of the zero-padded input)
+and multiplying by the [9 * C_in, C_out] kernel is the same sum, and a
+matmul runs that shape near the machine's peak.
+
+Gradients (hand-written, so that no slow "col2im" appears on the FGR path):
+  d x      = the same 3x3 convolution of dy with the kernel flipped in space
+             and transposed (in <-> out channels), again as a matmul;
+  d kernel = im2col(x)^T dy.
+Both are differentiable TF ops (d x calls this function again), so second
+derivatives are exact; tests compare values, first and second derivatives
+with `tf.nn.conv2d`.
+"""
+
+import keras
+import tensorflow as tf
+
+
+def _im2col(x):
+  """[B, H, W, C] -> [B * H * W, 9 * C]: zero-padded 3x3 neighbourhoods,
+  ordered (row offset, column offset, channel) like a [3, 3, C, O] kernel."""
+  height, width = x.shape[1], x.shape[2]
+  padded = tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
+  patches = tf.concat([padded[:, i:i + height, j:j + width, :]
+                       for i in range(3) for j in range(3)], axis=-1)
+  return tf.reshape(patches, [-1, 9 * x.shape[3]])
+
+
+def _flip_and_transpose(kernel):
+  """[3, 3, C_in, C_out] -> [3, 3, C_out, C_in], spatially reversed."""
+  return tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
+
+
+@tf.custom_gradient
+def conv3x3_same(x, kernel):
+  """`tf.nn.conv2d(x, kernel, 1, "SAME")` for a 3x3 kernel, via a matmul.
+
+  Args:
+    x: [B, H, W, C_in] with static H, W, C_in.
+    kernel: [3, 3, C_in, C_out], same dtype.
+
+  Returns:
+    [B, H, W, C_out].
+  """
+  height, width = x.shape[1], x.shape[2]
+  out_channels = kernel.shape[3]
+  cols = _im2col(x)
+  y = tf.matmul(cols, tf.reshape(kernel, [-1, out_channels]))
+  y = tf.reshape(y, [-1, height, width, out_channels])
+
+  def grad(dy):
+    dx = conv3x3_same(dy, _flip_and_transpose(kernel))
+    dkernel = tf.matmul(cols, tf.reshape(dy, [-1, out_channels]),
+                        transpose_a=True)
+    return dx, tf.reshape(dkernel, tf.shape(kernel))
+
+  return y, grad
+
+
+def applies(inputs_shape, kernel_size, strides, padding, dilation_rate,
+            groups, data_format, max_pixels):
+  """Whether a Conv2D call can and should take `conv3x3_same`."""
+  if len(inputs_shape) != 4 or None in tuple(inputs_shape[1:]):
+    return False
+  return (tuple(kernel_size) == (3, 3) and tuple(strides) == (1, 1) and
+          padding == "same" and tuple(dilation_rate) == (1, 1) and
+          groups == 1 and data_format == "channels_last" and
+          inputs_shape[1] * inputs_shape[2] <= max_pixels)
+
+
+@keras.saving.register_keras_serializable(package="fgr_tf")
+class Conv2D(keras.layers.Conv2D):
+  """`keras.layers.Conv2D` that runs 3x3 stride-1 "same" convolutions on
+  feature maps of at most `GEMM_MAX_PIXELS` pixels (static H * W) as
+  `conv3x3_same`; every other call is Keras's. Same weights and config."""
+
+  GEMM_MAX_PIXELS = 16  # measured: faster up to 4x4, slower at 8x8
+
+  def convolution_op(self, inputs, kernel):
+    if applies(inputs.shape, self.kernel_size, self.strides, self.padding,
+               self.dilation_rate, self.groups, self.data_format,
+               self.GEMM_MAX_PIXELS):
+      return conv3x3_same(inputs, tf.convert_to_tensor(kernel))
+    return super().convolution_op(inputs, kernel)

@@ -1,0 +1,79 @@
+"""3x3 convolutions on small maps as a matmul: same values and derivatives."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from fgr_tf.models import gemm_conv
+
+
+def _derivatives(conv, x, kernel, upstream):
+  """(y, dy/dx . up, dy/dkernel . up, d||dx||^2/dkernel, d||dx||^2/dx)."""
+  with tf.GradientTape(persistent=True) as outer:
+    outer.watch([x, kernel])
+    with tf.GradientTape() as inner:
+      inner.watch([x, kernel])
+      y = conv(x, kernel)
+      loss = tf.reduce_sum(tf.square(y) * upstream)
+    dx, dkernel = inner.gradient(loss, [x, kernel])
+    penalty = tf.reduce_sum(tf.square(dx))
+  return [y, dx, dkernel, outer.gradient(penalty, kernel),
+          outer.gradient(penalty, x)]
+
+
+@pytest.mark.parametrize("shape,out_channels", [
+    ((2, 2, 2, 5), 3), ((3, 4, 4, 2), 6), ((2, 1, 3, 4), 2), ((1, 5, 2, 3), 4)])
+def test_conv3x3_same_equals_conv2d_with_first_and_second_derivatives(
+    shape, out_channels):
+  rng = np.random.default_rng(0)
+  x = tf.constant(rng.normal(size=shape))
+  kernel = tf.constant(rng.normal(size=(3, 3, shape[-1], out_channels)))
+  upstream = tf.constant(rng.normal(size=shape[:3] + (out_channels,)))
+  ours = _derivatives(gemm_conv.conv3x3_same, x, kernel, upstream)
+  reference = _derivatives(lambda a, k: tf.nn.conv2d(a, k, 1, "SAME"), x,
+                           kernel, upstream)
+  for name, a, b in zip(["y", "dx", "dkernel", "d2 kernel", "d2 x"], ours,
+                        reference):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, err_msg=name)
+
+
+def _op_types(layer, shape):
+  fn = tf.function(lambda x: layer(x))
+  graph = fn.get_concrete_function(tf.TensorSpec((None,) + shape)).graph
+  return {op.type for op in graph.get_operations()}
+
+
+def test_layer_takes_the_matmul_path_only_on_small_maps():
+  layer = gemm_conv.Conv2D(8, 3, padding="same")
+  assert "MatMul" in _op_types(layer, (4, 4, 3))  # 16 pixels
+  assert "Conv2D" not in _op_types(layer, (4, 4, 3))
+  assert "Conv2D" in _op_types(gemm_conv.Conv2D(8, 3, padding="same"),
+                               (8, 8, 3))
+  strided = gemm_conv.Conv2D(8, 3, strides=2, padding="same")
+  assert "Conv2D" in _op_types(strided, (4, 4, 3))
+
+
+def test_layer_with_unknown_batch_and_mixed_precision():
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(5, 2, 2, 3)).astype(np.float32)
+  layer = gemm_conv.Conv2D(4, 3, padding="same", dtype="mixed_bfloat16")
+  fn = tf.function(lambda x: layer(x),
+                   input_signature=[tf.TensorSpec((None, 2, 2, 3))])
+  out = fn(images)
+  assert out.shape == (5, 2, 2, 4) and out.dtype == tf.bfloat16
+  expected = tf.nn.conv2d(images, layer.kernel.numpy(), 1, "SAME") + \
+      layer.bias.numpy()
+  np.testing.assert_allclose(tf.cast(out, tf.float32), expected, rtol=0.05,
+                             atol=0.05)
+
+
+def test_layer_round_trips_through_keras_saving(tmp_path):
+  inputs = keras.Input((2, 2, 3))
+  model = keras.Model(inputs, gemm_conv.Conv2D(4, 3, padding="same")(inputs))
+  path = str(tmp_path / "m.keras")
+  model.save(path)
+  loaded = keras.saving.load_model(path)
+  assert isinstance(loaded.layers[-1], gemm_conv.Conv2D)
+  x = np.ones((1, 2, 2, 3), np.float32)
+  np.testing.assert_allclose(loaded(x), model(x), rtol=1e-6)
