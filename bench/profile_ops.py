@@ -6,14 +6,16 @@ runs --warmup untimed steps, traces --steps steps with
 `tf.profiler.experimental`, and prints the op types that took the most
 time (milliseconds per step, summed over the CPU threads that ran them, so
 the total can exceed the wall time on several cores), with their share and
-call counts. Reads the trace's XPlane proto directly: no TensorBoard
-plugin needed. Modes are those of `bench.steps` (plain, fgr, igr, at,
+call counts; `--by_layer` groups by the Keras layer instead (all of a
+layer's forward and gradient ops). Reads the trace's XPlane proto
+directly: no TensorBoard plugin needed. Modes are those of `bench.steps` (plain, fgr, igr, at,
 fgr_at, eval, flow_pgd).
 """
 
 import collections
 import glob
 import os
+import re
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -32,8 +34,16 @@ from bench import steps  # noqa: E402
 _ONEDNN_PREFIXES = ("_MklNative", "_Mkl", "_")
 
 
-def op_times(xspace_path):
-  """{op type: (total ms, calls)} over the host plane's TF op events.
+def _layer_of(op_name):
+  """"gradient_tape/vgg11_1/conv5_1/convolution/Conv2D" -> "conv5"."""
+  parts = [p for p in op_name.split("/") if p != "gradient_tape"]
+  if len(parts) < 3:
+    return "(outside layers)"
+  return re.sub(r"_\d+$", "", parts[1])
+
+
+def op_times(xspace_path, by_layer=False):
+  """{op type (or layer): (total ms, calls)} over the host plane's TF ops.
 
   TF's executor names each op event "<op name>:<op type>"; events without
   a ":" and bookkeeping ("ExecutorState::Process") are skipped, since they
@@ -58,13 +68,14 @@ def op_times(xspace_path):
           op_type = op_type.removeprefix(prefix)
         if not op_type[:1].isupper() or " " in op_type:
           continue
-        totals[op_type][0] += event.duration_ps / 1e9
-        totals[op_type][1] += 1
+        key = _layer_of(name.rsplit(":", 1)[0]) if by_layer else op_type
+        totals[key][0] += event.duration_ps / 1e9
+        totals[key][1] += 1
   return {k: tuple(v) for k, v in totals.items()}
 
 
 def profile(mode, model_name, batch, size, channels, classes, warmup,
-            num_steps, logdir):
+            num_steps, logdir, by_layer=False):
   """Traces `num_steps` steps of `mode`; returns op_times per step."""
   rng = np.random.default_rng(0)
   images = rng.uniform(size=(batch, size, size, channels)).astype(np.float32)
@@ -80,12 +91,12 @@ def profile(mode, model_name, batch, size, channels, classes, warmup,
   (path,) = glob.glob(os.path.join(logdir, "plugins", "profile", "*",
                                    "*.xplane.pb"))
   return {k: (ms / num_steps, calls / num_steps)
-          for k, (ms, calls) in op_times(path).items()}
+          for k, (ms, calls) in op_times(path, by_layer).items()}
 
 
-def format_table(times, top):
+def format_table(times, top, key_name="op type"):
   total = sum(ms for ms, _ in times.values())
-  lines = [f"{'op type':<36}{'ms/step':>10}{'share':>8}{'calls/step':>12}"]
+  lines = [f"{key_name:<36}{'ms/step':>10}{'share':>8}{'calls/step':>12}"]
   for op, (ms, calls) in sorted(times.items(), key=lambda kv: -kv[1][0])[:top]:
     lines.append(f"{op:<36}{ms:>10.1f}{ms / total:>8.1%}{calls:>12.0f}")
   lines.append(f"{'all ops':<36}{total:>10.1f}")
@@ -98,14 +109,17 @@ def main(argv):
   with tempfile.TemporaryDirectory() as logdir:
     times = profile(flags_.mode, flags_.model, flags_.batch, flags_.image_size,
                     flags_.channels, flags_.classes, flags_.warmup,
-                    flags_.steps, logdir)
+                    flags_.steps, logdir, flags_.by_layer)
   print(f"{flags_.model} batch {flags_.batch}, mode {flags_.mode}, "
         f"{flags_.steps} traced steps")
-  print(format_table(times, flags_.top))
+  print(format_table(times, flags_.top,
+                     "layer (all its ops)" if flags_.by_layer else "op type"))
 
 
 if __name__ == "__main__":
   flags.DEFINE_string("mode", "fgr", "Which step to profile.")
   flags.DEFINE_integer("steps", 3, "Traced steps.")
-  flags.DEFINE_integer("top", 25, "How many op types to print.")
+  flags.DEFINE_integer("top", 25, "How many rows to print.")
+  flags.DEFINE_bool("by_layer", False, "Group by the Keras layer that ran "
+                    "the op (forward and gradient ops alike), not by type.")
   app.run(main)

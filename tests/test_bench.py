@@ -37,3 +37,10 @@ def test_profile_ops_counts_the_convolutions_of_a_step(tmp_path):
   assert any("Conv2D" in op for op in times), sorted(times)
   assert all(ms >= 0 and calls > 0 for ms, calls in times.values())
   assert "all ops" in profile_ops.format_table(times, top=5)
+
+
+def test_profile_ops_groups_by_layer(tmp_path):
+  times = profile_ops.profile("fgr", "small_cnn", batch=4, size=8,
+                              channels=1, classes=3, warmup=1, num_steps=1,
+                              logdir=str(tmp_path), by_layer=True)
+  assert {"conv0", "conv1"} <= set(times), sorted(times)
