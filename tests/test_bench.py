@@ -3,6 +3,7 @@
 import pytest
 
 from bench import batch_norm
+from bench import conv
 from bench import profile_ops
 from bench import steps
 
@@ -44,3 +45,10 @@ def test_profile_ops_groups_by_layer(tmp_path):
                               channels=1, classes=3, warmup=1, num_steps=1,
                               logdir=str(tmp_path), by_layer=True)
   assert {"conv0", "conv1"} <= set(times), sorted(times)
+
+
+def test_conv_bench_runs_and_both_forms_agree():
+  rows = conv.run([(2, 3, 4)], batch=2, repeats=1)
+  ((shape, onednn, matmul, diff),) = rows
+  assert shape == (2, 3, 4) and min(onednn + matmul) > 0
+  assert diff < 1e-5
