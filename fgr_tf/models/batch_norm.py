@@ -34,14 +34,14 @@ class BatchNormalization(keras.layers.BatchNormalization):
   `stop_gradient` (synchronized: E[x^2] - E[x]^2 over all replicas).
   """
 
-  def _can_fuse(self, inputs, training, mask):
+  def _can_fuse(self, inputs, mask=None):
     return (mask is None and not self.synchronized and not self.renorm and
             self.scale and self.center and len(inputs.shape) == 4 and
             self.axis in (-1, 3) and
             keras.backend.result_type(inputs.dtype, "float32") == "float32")
 
   def call(self, inputs, training=None, mask=None):
-    if not self._can_fuse(inputs, training, mask):
+    if not self._can_fuse(inputs, mask):
       return super().call(inputs, training=training, mask=mask)
     inputs = tf.cast(inputs, tf.float32)
     gamma = tf.cast(self.gamma, tf.float32)
