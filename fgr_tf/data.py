@@ -160,4 +160,10 @@ def make_dataset(images, labels, batch_size, train, dataset_name="synthetic",
         lambda xy, s: (augment(xy[0], tf.cast(s, tf.int32) % 2**31, flip),
                        xy[1]),
         num_parallel_calls=tf.data.AUTOTUNE)
-  return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+  # tf.data's autotuner off: with it, `fit` ran every other model at ~60%
+  # speed on 2 cores (the training step got ~1.2 cores; 5 of 8 fresh
+  # models against 0 of 12 with it off; docs/PERFORMANCE.md). This
+  # pipeline delivers >10,000 images/s either way.
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return dataset.batch(batch_size).prefetch(2).with_options(options)

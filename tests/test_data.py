@@ -85,6 +85,16 @@ def test_pipeline_normalizes_batches_and_augments(idx_dir):
                          np.sort(x_plain.numpy().ravel()))
 
 
+def test_pipeline_runs_without_the_tf_data_autotuner():
+  """With the autotuner on, `fit` ran at ~60% speed for some models
+  (docs/PERFORMANCE.md); the pipeline turns it off, for train and test."""
+  images = np.zeros((4, 8, 8, 1), np.uint8)
+  for train in (True, False):
+    dataset = data.make_dataset(images, np.zeros(4, int), 2, train=train)
+    assert dataset.options().autotune.enabled is False
+    assert len(list(dataset)) == 2
+
+
 def test_augment_crop_and_flip():
   image = tf.reshape(tf.range(6 * 6, dtype=tf.float32), [6, 6, 1])
   out = data.augment(image, tf.constant([3, 4]), flip=False, pad=0)
