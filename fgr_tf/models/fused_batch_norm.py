@@ -89,20 +89,21 @@ def _backward(dy, x, gamma, mean, rstd, count, reserve, epsilon):
       sum_e_dy = tf.reduce_sum(e * dy, _AXES)
       mean_e, mean_e_xhat = sum_e / count, sum_e_xhat / count
 
-      # d dy = gr E + x_hat (e_gamma - gr mean(E x_hat)) + e_beta - gr mean(E)
+      # k = e_gamma - gr mean(E x_hat): the coefficient of x_hat in d dy
+      # and of dy in G.
       k = e_gamma - gr * mean_e_xhat
+      # d dy = gr E + k x_hat + e_beta - gr mean(E)
       d_dy = gr * e + (x * (k * rstd) + (k * shift + e_beta - gr * mean_e))
 
       d_gamma = rstd * (sum_e_dy - m1 * sum_e - m2 * sum_e_xhat)
 
-      # G = alpha E + beta dy (d/d x_hat); R = g d_gamma / r (d/d r).
+      # G = alpha E + k dy (d/d x_hat); R = g d_gamma / r (d/d r).
       alpha = -gr * m2
-      beta = e_gamma - gr * mean_e_xhat
-      mean_g = alpha * mean_e + beta * m1
-      mean_g_xhat = alpha * mean_e_xhat + beta * m2
+      mean_g = alpha * mean_e + k * m1
+      mean_g_xhat = alpha * mean_e_xhat + k * m2
       r_term = gamma * d_gamma / rstd
       c_xhat = -rstd * mean_g_xhat - r_term * rstd * rstd / count
-      d_x = ((rstd * alpha) * e + (rstd * beta) * dy +
+      d_x = ((rstd * alpha) * e + (rstd * k) * dy +
              (x * (c_xhat * rstd) + (c_xhat * shift - rstd * mean_g)))
       return d_dy, d_x, d_gamma
 
