@@ -15,9 +15,6 @@ of --repeats) and the largest gradient difference from keras_formula.
 """
 
 import os
-import statistics
-import time
-
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app  # noqa: E402
@@ -25,6 +22,7 @@ from absl import flags  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from bench import timing  # noqa: E402
 from fgr_tf.models import fused_batch_norm  # noqa: E402
 
 EPSILON = 1e-5
@@ -76,16 +74,6 @@ def make_steps(norm, x, weights, gamma, beta):
   return first, second
 
 
-def time_step(step, repeats):
-  step()
-  seconds = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    [g.numpy() for g in step()]
-    seconds.append(time.perf_counter() - start)
-  return 1000 * statistics.median(seconds)
-
-
 def run(shape, repeats):
   """{name: (first-order ms, second-order ms, max rel grad diff)}."""
   rng = np.random.default_rng(0)
@@ -100,7 +88,8 @@ def run(shape, repeats):
     reference = reference or grads
     diff = max(np.abs(a - b).max() / np.abs(b).max()
                for a, b in zip(grads, reference))
-    results[name] = (time_step(first, repeats), time_step(second, repeats),
+    results[name] = (timing.median_ms(first, repeats),
+                     timing.median_ms(second, repeats),
                      diff)
   return results
 

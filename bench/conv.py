@@ -11,9 +11,6 @@ and prints the largest difference of the second-order kernel gradients.
 """
 
 import os
-import statistics
-import time
-
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app  # noqa: E402
@@ -21,6 +18,7 @@ from absl import flags  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from bench import timing  # noqa: E402
 from fgr_tf.models import gemm_conv  # noqa: E402
 
 # (height = width, input channels, output channels) of VGG-11 at 32x32.
@@ -58,16 +56,6 @@ def make_steps(conv, x, kernel, upstream):
   return tf.function(forward), tf.function(first), tf.function(second)
 
 
-def time_ms(step, repeats):
-  step()
-  seconds = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    [t.numpy() for t in tf.nest.flatten(step())]
-    seconds.append(time.perf_counter() - start)
-  return 1000 * statistics.median(seconds)
-
-
 def run(shapes, batch, repeats):
   """[(shape, oneDNN (fwd, first, second) ms, matmul (...) ms, diff)]."""
   rng = np.random.default_rng(0)
@@ -81,7 +69,7 @@ def run(shapes, batch, repeats):
     timings, grads = [], []
     for conv in (onednn_conv, gemm_conv.conv3x3_same):
       steps = make_steps(conv, x, kernel, upstream)
-      timings.append(tuple(time_ms(s, repeats) for s in steps))
+      timings.append(tuple(timing.median_ms(s, repeats) for s in steps))
       grads.append(steps[2]().numpy())
     diff = np.abs(grads[1] - grads[0]).max() / np.abs(grads[0]).max()
     rows.append(((size, cin, cout), timings[0], timings[1], diff))

@@ -22,7 +22,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tensorflow.tsl.profiler.protobuf import xplane_pb2  # noqa: E402
 
@@ -77,9 +76,7 @@ def op_times(xspace_path, by_layer=False):
 def profile(mode, model_name, batch, size, channels, classes, warmup,
             num_steps, logdir, by_layer=False):
   """Traces `num_steps` steps of `mode`; returns op_times per step."""
-  rng = np.random.default_rng(0)
-  images = rng.uniform(size=(batch, size, size, channels)).astype(np.float32)
-  labels = rng.integers(0, classes, size=batch).astype(np.int32)
+  images, labels = steps.synthetic_batch(batch, size, channels, classes)
   backbone = fgr_tf.models.build(model_name, classes, (size, size, channels))
   step = steps.make_step(mode, backbone, images, labels, jit_compile=False)
   for _ in range(warmup):

@@ -111,6 +111,14 @@ def time_mode(mode, backbone, images, labels, warmup, repeats, jit_compile):
   return seconds
 
 
+def synthetic_batch(batch, size, channels, classes):
+  """Seeded uniform images [batch, size, size, channels] and int32 labels."""
+  rng = np.random.default_rng(0)
+  images = rng.uniform(size=(batch, size, size, channels)).astype(np.float32)
+  labels = rng.integers(0, classes, size=batch).astype(np.int32)
+  return images, labels
+
+
 def run(model_name, batch, size, channels, classes, warmup, repeats, modes,
         jit_compile=False, dtype="float32"):
   """Times each mode; returns {mode: {"median": img/s, "best": img/s}}."""
@@ -118,9 +126,7 @@ def run(model_name, batch, size, channels, classes, warmup, repeats, modes,
   if unknown:
     raise ValueError(f"Unknown modes {sorted(unknown)}. Expected a subset of "
                      f"{sorted(MODES) + list(OTHER_MODES)}.")
-  rng = np.random.default_rng(0)
-  images = rng.uniform(size=(batch, size, size, channels)).astype(np.float32)
-  labels = rng.integers(0, classes, size=batch).astype(np.int32)
+  images, labels = synthetic_batch(batch, size, channels, classes)
   results = {}
   for mode in modes:
     keras.utils.set_random_seed(0)

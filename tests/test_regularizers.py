@@ -37,6 +37,17 @@ def build_golden_vgg(golden, dtype="float64"):
   return model
 
 
+def interior_penalty(flow_grad_xy):
+  """The original's penalty: like ours but without the last column (x) and
+  the last row (y), where the reference's flow gradient is 0 and ours has
+  the backward difference (SPEC §2). [B, H, W, 2] normalized -> scalar."""
+  mask = np.ones((1, H, W, 2), flow_grad_xy.dtype.as_numpy_dtype)
+  mask[:, :, W - 1, 0] = 0
+  mask[:, H - 1, :, 1] = 0
+  return tf.reduce_mean(
+      tf.reduce_sum(tf.square(flow_grad_xy * mask), axis=[1, 2, 3]))
+
+
 def golden_key(variable):
   """Keras variable path (e.g. 'conv0/kernel') -> golden npz key."""
   return variable.path.split("/")[-2] + "/" + variable.path.split("/")[-1]
@@ -54,14 +65,8 @@ def test_golden_small_vgg(golden):
         images, input_grad)
     ours_xy = fgr_tf.pixel_flow_gradient_to_normalized(flow_grad, H, W)
     penalty = regularizers.penalty_from_flow_gradient(flow_grad)
-    # The reference's flow gradient is 0 on the last column (x) and the
-    # last row (y); ours has the backward difference there (SPEC §2).
-    mask = np.ones((1, H, W, 2))
-    mask[:, :, W - 1, 0] = 0
-    mask[:, H - 1, :, 1] = 0
-    interior_penalty = tf.reduce_mean(
-        tf.reduce_sum(tf.square(ours_xy * mask), axis=[1, 2, 3]))
-    reference_total = loss + lam * interior_penalty
+    interior = interior_penalty(ours_xy)
+    reference_total = loss + lam * interior
 
   np.testing.assert_allclose(logits, golden["logits"], rtol=0, atol=1e-5)
   np.testing.assert_allclose(loss, golden["ce"], rtol=1e-6)
@@ -81,11 +86,11 @@ def test_golden_small_vgg(golden):
   last_terms = np.mean(np.sum(ours[:, :, W - 1, 0] ** 2, axis=1) +
                        np.sum(ours[:, H - 1, :, 1] ** 2, axis=1))
   # Exactly, in our own numbers:
-  np.testing.assert_allclose(penalty - interior_penalty, last_terms,
+  np.testing.assert_allclose(penalty - interior, last_terms,
                              rtol=1e-10)
   # Against the reference, whose penalty (144.82) is a float32 result and
   # whose flow gradient agrees with ours to ~1e-6 relative:
-  np.testing.assert_allclose(interior_penalty, golden["penalty"], rtol=1e-5)
+  np.testing.assert_allclose(interior, golden["penalty"], rtol=1e-5)
   np.testing.assert_allclose(penalty.numpy() - golden["penalty"], last_terms,
                              rtol=0, atol=2e-6 * golden["penalty"])
   np.testing.assert_allclose(penalty,
@@ -205,16 +210,13 @@ def test_golden_parameter_gradients_in_float32_through_fused_batchnorm(golden):
       tf.TensorSpec(images.shape, tf.float32)).graph
   assert "FusedBatchNormV3" in {op.type for op in graph.get_operations()}
   labels = tf.constant(golden["labels"])
-  mask = np.ones((1, H, W, 2), np.float32)
-  mask[:, :, W - 1, 0] = 0
-  mask[:, H - 1, :, 1] = 0
   with tf.GradientTape() as tape:
     loss, input_grad, _ = regularizers.loss_and_input_gradient(
         model, images, labels)
     xy = fgr_tf.pixel_flow_gradient_to_normalized(
         regularizers.flow_gradient_from_input_gradient(images, input_grad),
         H, W)
-    interior = tf.reduce_mean(tf.reduce_sum(tf.square(xy * mask), [1, 2, 3]))
+    interior = interior_penalty(xy)
     total = loss + float(golden["lam"]) * interior
   np.testing.assert_allclose(interior, golden["penalty"], rtol=1e-5)
   grads = tape.gradient(total, model.trainable_variables)
