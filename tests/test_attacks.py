@@ -1,6 +1,9 @@
 """Attacks on a small CNN trained briefly on synthetic 28x28 data."""
 
+import gc
+import importlib
 import json
+import weakref
 
 import keras
 import numpy as np
@@ -11,6 +14,9 @@ import fgr_tf
 from fgr_tf import attacks
 from fgr_tf import synthetic
 from fgr_tf.attacks.adef import gaussian_smooth
+
+# The module (fgr_tf.attacks.flow_pgd is the function).
+flow_pgd_lib = importlib.import_module("fgr_tf.attacks.flow_pgd")
 
 ATTACK_SETTINGS = {
     "flow_pgd": dict(epsilon=0.05, steps=10),
@@ -228,3 +234,49 @@ def test_gaussian_smoothing_keeps_constants_and_spreads_a_delta():
   np.testing.assert_allclose(out, out.T, atol=1e-7)
   # exp(-1/2) ratio between the centre and its neighbour, in both axes.
   np.testing.assert_allclose(out[7, 8] / out[7, 7], np.exp(-0.5), rtol=1e-5)
+
+
+def _small_untrained_cnn(seed=0):
+  keras.utils.set_random_seed(seed)
+  return fgr_tf.models.build("small_cnn", 10, (12, 12, 1))
+
+
+def test_attacked_models_can_be_freed():
+  """The per-model cache of compiled attacks must not keep the model alive
+  (a sweep would otherwise keep every variant's model and graphs)."""
+  images, labels = synthetic.shapes(4, size=12, seed=0)
+  model = _small_untrained_cnn()
+  attacks.flow_pgd(model, images, labels, epsilon=0.02, steps=2)
+  attacks.stadv(model, images, labels, steps=2, search_steps=1)
+  alive = weakref.ref(model)
+  del model
+  gc.collect()
+  keras.backend.clear_session()
+  gc.collect()
+  assert alive() is None, "the attacked model is still referenced"
+
+
+def test_repeated_attacks_on_one_model_do_not_retrace(monkeypatch):
+  images, labels = synthetic.shapes(8, size=12, seed=0)
+  model = _small_untrained_cnn()
+  traces = []
+  build = flow_pgd_lib._build
+
+  def counting_build(*args):
+    attack = build(*args)
+
+    def traced(*inputs):
+      traces.append(1)  # runs once per trace, not per call
+      return attack(*inputs)
+
+    return traced
+
+  monkeypatch.setattr(flow_pgd_lib, "_build", counting_build)
+  for start in (0, 4, 0):
+    attacks.flow_pgd(model, images[start:start + 4],
+                     labels[start:start + 4], epsilon=0.02, steps=2)
+  assert len(traces) == 1
+  # Other static settings compile their own function, once.
+  attacks.flow_pgd(model, images[:4], labels[:4], epsilon=0.03, steps=2)
+  attacks.flow_pgd(model, images[4:], labels[4:], epsilon=0.03, steps=2)
+  assert len(traces) == 2

@@ -1,8 +1,8 @@
 """What every attack shares: the result record, losses, flow norms, caching."""
 
 import dataclasses
-import weakref
 
+from absl import logging
 import tensorflow as tf
 
 from fgr_tf import validation
@@ -86,18 +86,42 @@ def check_inputs(images, labels, name, model=None):
   return tf.cast(images, tf.float32), tf.cast(labels, tf.int32)
 
 
-_CACHE = weakref.WeakKeyDictionary()
+# The compiled attacks of a model live in this attribute of the model
+# itself: each tf.function closes over its model, so a cache outside the
+# model (even a WeakKeyDictionary keyed by it) would keep every attacked
+# model, and its graphs, alive. Inside the model the reference is a cycle
+# that the garbage collector frees with the model.
+_CACHE_ATTRIBUTE = "_fgr_tf_compiled_attacks"
+_warned_uncached = set()
 
 
 def compiled(model, key, build):
   """One tf.function per (model, key), so repeated batches do not retrace.
 
+  The functions are cached on `model` (attribute `_fgr_tf_compiled_attacks`,
+  untracked by Keras), so they are freed with it. A model that takes no
+  attributes gets a new tf.function at every call (correct, but it
+  retraces; a warning says so once per type).
+
   Args:
-    model: the attacked model (weakly referenced).
+    model: the attacked model.
     key: hashable description of the attack's static settings.
     build: callable returning the Python function to compile.
   """
-  per_model = _CACHE.setdefault(model, {})
+  per_model = getattr(model, _CACHE_ATTRIBUTE, None)
+  if per_model is None:
+    per_model = {}
+    try:
+      # object.__setattr__: not a Keras-tracked attribute (not saved).
+      object.__setattr__(model, _CACHE_ATTRIBUTE, per_model)
+    except (AttributeError, TypeError):
+      if type(model) not in _warned_uncached:
+        _warned_uncached.add(type(model))
+        logging.warning(
+            "Cannot cache compiled attacks on a %s (it takes no attributes): "
+            "every call retraces. Wrap it in a keras.Model or a function.",
+            type(model).__name__)
+      return tf.function(build(), reduce_retracing=True)
   if key not in per_model:
     per_model[key] = tf.function(build(), reduce_retracing=True)
   return per_model[key]
