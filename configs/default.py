@@ -57,7 +57,7 @@ def get_config():
   config.adv.clean_fraction = 0.0   # share of each batch kept clean
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.num_examples = 1000   # test images attacked by fgr-evaluate
+  config.eval.num_examples = 1000   # test images attacked (-1 = all)
   config.eval.batch_size = 250
   config.eval.attacks = ml_collections.ConfigDict({
       "flow_pgd": {"epsilon": 0.01, "steps": 100},

@@ -77,6 +77,18 @@ def load_tfds(name, split, data_dir=None):
   return images, labels.astype(np.int32)
 
 
+def _example_count(num_examples):
+  """None or -1 -> None (all); an int >= 1 -> itself; else ValueError."""
+  is_int = (isinstance(num_examples, (int, np.integer)) and
+            not isinstance(num_examples, bool))
+  if num_examples is None or (is_int and num_examples == -1):
+    return None
+  if not is_int or num_examples < 1:
+    raise ValueError("num_examples must be an int >= 1, or -1 or None for "
+                     f"all examples. Received: num_examples={num_examples}")
+  return int(num_examples)
+
+
 def load(name, split, source=None, data_dir=None, num_examples=None):
   """Loads a split as numpy arrays (images uint8 or float, labels int32).
 
@@ -87,8 +99,14 @@ def load(name, split, source=None, data_dir=None, num_examples=None):
       fashion_mnist, from the Debian package's directory), "tfds" (default
       for the others) or "synthetic" (`fgr_tf.synthetic.shapes`).
     data_dir: directory of the IDX files or tfds data.
-    num_examples: keep the first N examples.
+    num_examples: keep the first N examples (an int >= 1); None or -1 =
+      all (the configs' `-1 = all`).
+
+  Raises:
+    ValueError: unknown name or source, or num_examples not None, -1 or an
+      int >= 1.
   """
+  num_examples = _example_count(num_examples)
   if name not in DATASETS:
     raise ValueError(f"Unknown dataset {name!r}. Expected one of "
                      f"{DATASETS}.")

@@ -48,13 +48,12 @@ def load_splits(config):
   """(train arrays, validation arrays) as the config describes them."""
   kwargs = dict(source=config.data.source or None,
                 data_dir=config.data.data_dir or None)
-  count = lambda n: None if n < 0 else n
+  # -1 = all: `data.load`'s rule, shared with `evaluation.evaluate_workdir`.
   train = data_lib.load(config.data.name, "train",
-                        num_examples=count(config.data.num_train_examples),
+                        num_examples=config.data.num_train_examples,
                         **kwargs)
   val = data_lib.load(config.data.name, "test",
-                      num_examples=count(config.data.num_val_examples),
-                      **kwargs)
+                      num_examples=config.data.num_val_examples, **kwargs)
   return train, val
 
 

@@ -112,3 +112,42 @@ def test_synthetic_source_is_deterministic():
   b = data.load("synthetic", "train", num_examples=10)
   np.testing.assert_array_equal(a[0], b[0])
   assert a[0].shape == (10, 28, 28, 1) and a[0].dtype == np.float32
+
+
+def test_num_examples_minus_one_or_none_means_all(idx_dir):
+  for count in (None, -1):
+    images, labels = data.load("fashion_mnist", "test",
+                               data_dir=str(idx_dir), num_examples=count)
+    assert len(images) == len(labels) == 8, count
+  assert len(data.load("synthetic", "test", num_examples=-1)[0]) == 1024
+  assert len(data.load("synthetic", "test", num_examples=3)[0]) == 3
+
+
+@pytest.mark.parametrize("count", [0, -2, 2.5, True])
+def test_bad_num_examples_are_named(idx_dir, count):
+  with pytest.raises(ValueError, match=f"num_examples={count}"):
+    data.load("fashion_mnist", "test", data_dir=str(idx_dir),
+              num_examples=count)
+
+
+def test_training_and_evaluation_read_all_examples_for_minus_one(
+    idx_dir, tmp_path):
+  import keras  # pylint: disable=g-import-not-at-top
+  from configs import smoke  # pylint: disable=g-import-not-at-top
+  from fgr_tf import evaluation  # pylint: disable=g-import-not-at-top
+  from fgr_tf import models  # pylint: disable=g-import-not-at-top
+  from fgr_tf import train  # pylint: disable=g-import-not-at-top
+  config = smoke.get_config()
+  config.data.name = "fashion_mnist"
+  config.data.source = "idx"
+  config.data.data_dir = str(idx_dir)
+  config.data.num_train_examples = config.data.num_val_examples = -1
+  (train_x, _), (val_x, _) = train.load_splits(config)
+  assert (len(train_x), len(val_x)) == (20, 8)
+  keras.utils.set_random_seed(0)
+  models.build("small_cnn", 10, (28, 28, 1)).save(tmp_path / "best.keras")
+  config.eval.num_examples = -1
+  config.eval.attacks = {"flow_pgd": {"epsilon": 0.01, "steps": 1}}
+  config.eval.flow_pgd_budgets = ()
+  results = evaluation.evaluate_workdir(config, str(tmp_path))
+  assert results["num_examples"] == 8
