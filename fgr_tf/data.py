@@ -150,6 +150,13 @@ def augment(image, seed, flip, pad=4):
   return tf.ensure_shape(image, [height, width, image.shape[-1]])
 
 
+def augment_seeds(seed):
+  """An endless dataset of [2] int32 stateless seeds in [0, 2^31), one per
+  example (reduced in int64, then cast: int32 cannot hold 2^31)."""
+  return tf.data.Dataset.random(seed=seed).batch(2).map(
+      lambda s: tf.cast(s % tf.constant(2**31, tf.int64), tf.int32))
+
+
 def make_dataset(images, labels, batch_size, train, dataset_name="synthetic",
                  augment_data=True, seed=0):
   """tf.data pipeline: normalize, (shuffle, augment,) batch, prefetch.
@@ -173,10 +180,8 @@ def make_dataset(images, labels, batch_size, train, dataset_name="synthetic",
   dataset = dataset.map(lambda x, y: (to_unit_float(x), tf.cast(y, tf.int32)),
                         num_parallel_calls=tf.data.AUTOTUNE)
   if train and augment_data:
-    seeds = tf.data.Dataset.random(seed=seed).batch(2)
-    dataset = tf.data.Dataset.zip((dataset, seeds)).map(
-        lambda xy, s: (augment(xy[0], tf.cast(s, tf.int32) % 2**31, flip),
-                       xy[1]),
+    dataset = tf.data.Dataset.zip((dataset, augment_seeds(seed))).map(
+        lambda xy, s: (augment(xy[0], s, flip), xy[1]),
         num_parallel_calls=tf.data.AUTOTUNE)
   # tf.data's autotuner off: with it, `fit` ran every other model at ~60%
   # speed on 2 cores (the training step got ~1.2 cores; 5 of 8 fresh

@@ -151,3 +151,12 @@ def test_training_and_evaluation_read_all_examples_for_minus_one(
   config.eval.flow_pgd_budgets = ()
   results = evaluation.evaluate_workdir(config, str(tmp_path))
   assert results["num_examples"] == 8
+
+
+def test_augmentation_seeds_are_non_negative_and_varied():
+  seeds = np.stack([s.numpy() for s in data.augment_seeds(1).take(500)])
+  assert seeds.shape == (500, 2) and seeds.dtype == np.int32
+  assert seeds.min() >= 0
+  assert len(np.unique(seeds[:, 0])) == 500  # int31 values: no repeats
+  # Spread over [0, 2^31), not squeezed into a corner of it.
+  assert seeds.min() < 2**31 // 4 and seeds.max() > 3 * (2**31 // 4)
