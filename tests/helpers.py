@@ -1,9 +1,28 @@
-"""Tiny models and data for fast tests."""
+"""Tiny models and data for fast tests; running the bin/ apps."""
+
+import os
+import pathlib
+import subprocess
+import sys
 
 import keras
 import numpy as np
 
 import fgr_tf
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_app(name, *args, check=True, timeout=300):
+  """Runs `python bin/<name>.py *args` from the repository root; returns the
+  CompletedProcess (text stdout/stderr). check: raise unless exit code 0."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.run([sys.executable, str(ROOT / "bin" / f"{name}.py"),
+                         *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"{name} failed:\n{proc.stdout}\n{proc.stderr}")
+  return proc
 
 
 def tiny_data(n=8, size=8, channels=2, classes=3, seed=0):
@@ -14,18 +33,25 @@ def tiny_data(n=8, size=8, channels=2, classes=3, seed=0):
 
 
 def tiny_backbone(size=8, channels=2, classes=3, batch_norm=True,
-                  sync_batchnorm=False, seed=0):
+                  sync_batchnorm=False, seed=0, dtype=None):
   """conv-(BN)-relu-pool-dense; small enough for per-test compilation."""
   keras.utils.set_random_seed(seed)
-  factory = fgr_tf.models.layers.LayerFactory(sync_batchnorm=sync_batchnorm)
+  factory = fgr_tf.models.layers.LayerFactory(dtype,
+                                              sync_batchnorm=sync_batchnorm)
   inputs = keras.Input((size, size, channels))
   x = factory.conv(4, "conv0")(inputs)
   if batch_norm:
     x = factory.batch_norm("bn0")(x)
   x = factory.relu()(x)
   x = factory.max_pool()(x)
-  x = keras.layers.Flatten()(x)
+  x = keras.layers.Flatten(dtype=dtype)(x)
   return keras.Model(inputs, factory.dense(classes, "dense")(x))
+
+
+def no_bn_model(dtype="float64"):
+  """A float64 classifier of 8x8x2 images into 3 classes WITHOUT BatchNorm
+  (conv-relu-pool-dense): its samples are independent in any mode."""
+  return tiny_backbone(batch_norm=False, dtype=dtype)
 
 
 def copy_of(model):

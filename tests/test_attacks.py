@@ -119,7 +119,11 @@ def test_adef_succeeds_almost_always_with_small_deformations(
   result = attacks.adef(baseline, images, labels)
   assert result.success.numpy().mean() >= 0.95
   assert np.median(result.t_norm) < 3.0  # pixels
-  assert result.iterations.numpy().max() <= 100
+  # Every (correctly classified) image took at least one linearization
+  # step, and some needed more than one: the iteration count is counted.
+  iterations = result.iterations.numpy()
+  assert iterations.min() >= 1
+  assert (iterations > 1).any()
 
 
 def test_worst_of_k_grid_is_stronger_than_few_random_tries(

@@ -7,7 +7,7 @@ import pytest
 import fgr_tf
 from fgr_tf import attacks
 from fgr_tf import synthetic
-from test_workflow import run_app
+from helpers import run_app
 
 
 def _final_weights(workdir):

@@ -10,7 +10,7 @@ from configs import smoke
 from configs import sweep_cifar10
 from configs import sweep_fashion_mnist
 from configs import sweep_smoke
-from test_workflow import run_app
+from helpers import run_app
 
 
 def test_overrides_are_parsed_and_typed():

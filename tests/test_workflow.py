@@ -18,19 +18,10 @@ from ml_collections import config_flags  # noqa: F401  (flag parsing tested)
 import fgr_tf
 from fgr_tf import export
 from fgr_tf import synthetic
+from helpers import ROOT
+from helpers import run_app
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("[a-z]*.py"))
-
-
-def run_app(name, *args, check=True, timeout=300):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-  proc = subprocess.run([sys.executable, str(ROOT / "bin" / f"{name}.py"),
-                         *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
-  if check and proc.returncode != 0:
-    raise AssertionError(f"{name} failed:\n{proc.stdout}\n{proc.stderr}")
-  return proc
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
