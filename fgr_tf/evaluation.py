@@ -156,7 +156,8 @@ def attacks_from_config(eval_config):
   return specs
 
 
-def evaluate_workdir(config, workdir, checkpoint="best", output=None):
+def evaluate_workdir(config, workdir, checkpoint="best", output=None,
+                     write=True):
   """Evaluates `workdir/<checkpoint>.keras` on the test split; writes JSON.
 
   Args:
@@ -164,6 +165,8 @@ def evaluate_workdir(config, workdir, checkpoint="best", output=None):
     workdir: a training workdir.
     checkpoint: "best" or "final".
     output: results path; default `workdir/results.json`.
+    write: False returns the results without writing them (for a caller
+      that adds to them and writes once, like `fgr_tf.sweep`).
 
   Returns:
     The `evaluate` dict, plus "checkpoint" and "config" keys.
@@ -188,5 +191,7 @@ def evaluate_workdir(config, workdir, checkpoint="best", output=None):
   results["checkpoint"] = path
   results["fgr_lambda"] = getattr(model, "fgr_lambda", None)
   results["config"] = json.loads(config.to_json_best_effort())
-  files.write_json(results, output or os.path.join(workdir, "results.json"))
+  if write:
+    files.write_json(results,
+                     output or os.path.join(workdir, "results.json"))
   return results

@@ -97,14 +97,15 @@ def variants(config):
 def run_variant(config, workdir):
   """Trains and evaluates one variant; returns its results with timings.
 
-  A variant whose `results.json` exists is not run again.
+  A variant whose `results.json` exists is not run again: the file is
+  written once, atomically, with the timings, so it exists only complete.
   """
   path = os.path.join(workdir, "results.json")
   if not os.path.exists(path):
     start = time.time()
     train.train_and_evaluate(config, workdir)
     trained = time.time()
-    results = evaluation.evaluate_workdir(config, workdir)
+    results = evaluation.evaluate_workdir(config, workdir, write=False)
     results["train_seconds"] = trained - start
     results["eval_seconds"] = time.time() - trained
     files.write_json(results, path)

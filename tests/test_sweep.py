@@ -3,8 +3,11 @@
 import json
 import os
 
+import keras
 import pytest
 
+from fgr_tf import files
+from fgr_tf import models
 from fgr_tf import sweep
 from configs import smoke
 from configs import sweep_cifar10
@@ -91,3 +94,39 @@ def test_every_shipped_sweep_resolves(module):
   assert len(resolved) == len(config.sweep.variants) >= 3
   assert resolved["baseline"].fgr.lam == 0
   assert any(c.adv.attack for c in resolved.values())
+
+
+def test_a_variant_writes_its_results_once_with_timings(tmp_path,
+                                                        monkeypatch):
+  """A kill between two writes left a results.json without timings, which
+  counted as done (0.00 train min in the report)."""
+  config = smoke.get_config()
+  config.eval.attacks = {"flow_pgd": {"epsilon": 0.01, "steps": 1}}
+  config.eval.flow_pgd_budgets = ()
+
+  def fake_training(config, workdir):
+    os.makedirs(workdir, exist_ok=True)
+    keras.utils.set_random_seed(0)
+    models.build("small_cnn", 10, (28, 28, 1)).save(
+        os.path.join(workdir, "best.keras"))
+
+  monkeypatch.setattr(sweep.train, "train_and_evaluate", fake_training)
+  written = []
+  write_json = files.write_json
+
+  def recording_write_json(obj, path):
+    if os.path.basename(path) == "results.json":
+      written.append(dict(obj))
+    write_json(obj, path)
+
+  monkeypatch.setattr(files, "write_json", recording_write_json)
+  workdir = str(tmp_path / "variant")
+  results = sweep.run_variant(config, workdir)
+  assert len(written) == 1
+  assert {"train_seconds", "eval_seconds"} <= set(written[0])
+  assert results["eval_seconds"] > 0
+  on_disk = json.loads((tmp_path / "variant" / "results.json").read_text())
+  assert on_disk["eval_seconds"] == results["eval_seconds"]
+  # Done: a second call reads it back, writes nothing.
+  assert sweep.run_variant(config, workdir) == results
+  assert len(written) == 1
