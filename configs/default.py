@@ -54,6 +54,9 @@ def get_config():
   config.adv.steps = 10             # flow_pgd signed steps / stadv Adam steps
   config.adv.random_start = False   # flow_pgd: start from U(-eps, eps)
   config.adv.tau = 0.05             # stadv: weight of the smoothness loss
+  # stadv: rounds in all (each retries the images still correct with
+  # tau / 10); 1 keeps the cost of a training step at `steps`.
+  config.adv.search_steps = 1
   config.adv.clean_fraction = 0.0   # share of each batch kept clean
 
   config.eval = ml_collections.ConfigDict()

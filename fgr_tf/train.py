@@ -75,7 +75,8 @@ def make_adversary(config):
 
   `adv.attack` is "" (off), "flow_pgd" (L-inf `adv.epsilon` in normalized
   flow units, `adv.steps` signed steps, optional `adv.random_start`) or
-  "stadv" (`adv.tau`, `adv.steps` Adam steps, one search round). The first
+  "stadv" (`adv.tau`, `adv.steps` Adam steps per round, `adv.search_steps`
+  rounds: each retries the images still correct with tau / 10). The first
   round(`adv.clean_fraction` * batch) examples of each (per-replica) batch
   stay clean (Madry-style mixing; 0 = all adversarial).
 
@@ -98,7 +99,8 @@ def make_adversary(config):
     settings = dict(epsilon=adv.epsilon, steps=adv.steps,
                     random_start=adv.random_start)
   else:
-    settings = dict(tau=adv.tau, steps=adv.steps, search_steps=1)
+    settings = dict(tau=adv.tau, steps=adv.steps,
+                    search_steps=adv.search_steps)
   attack = attacks.get(adv.attack)
   clean_fraction = float(adv.clean_fraction)
 

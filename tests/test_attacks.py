@@ -284,3 +284,37 @@ def test_repeated_attacks_on_one_model_do_not_retrace(monkeypatch):
   attacks.flow_pgd(model, images[:4], labels[:4], epsilon=0.03, steps=2)
   attacks.flow_pgd(model, images[4:], labels[4:], epsilon=0.03, steps=2)
   assert len(traces) == 2
+
+
+def test_stadv_search_rounds_run_inside_a_tf_function():
+  """Adversarial training calls stAdv inside the compiled training step;
+  images the first round (tau) leaves correct are retried with tau / 10."""
+  images, _ = synthetic.shapes(16, size=12, seed=0)
+  model = _small_untrained_cnn()
+  # The model's own predictions as labels: every image starts correct.
+  labels = np.argmax(model(images, training=False), -1).astype(np.int32)
+  steps = 10
+  one_round = attacks.stadv(model, images, labels, steps=steps,
+                            search_steps=1)
+  assert one_round.success.numpy().mean() < 0.5  # tau = 0.05 mostly fails
+
+  @tf.function
+  def attack(images, labels):
+    result = attacks.stadv(model, images, labels, steps=steps,
+                           search_steps=3)
+    return result.success, result.iterations, result.adv_images
+
+  success, iterations, adv_images = (t.numpy() for t in attack(images,
+                                                               labels))
+  assert success.mean() > one_round.success.numpy().mean() + 0.25
+  assert (iterations > steps).any()  # counted over the rounds it took
+  assert iterations.max() <= 3 * steps
+  # Round-1 successes are kept; the retried images come from later rounds.
+  first = one_round.success.numpy()
+  np.testing.assert_array_equal(iterations[first],
+                                one_round.iterations.numpy()[first])
+  assert (iterations[~first] >= steps).all()
+  eager = attacks.stadv(model, images, labels, steps=steps, search_steps=3)
+  np.testing.assert_array_equal(eager.success, success)
+  np.testing.assert_array_equal(eager.iterations, iterations)
+  np.testing.assert_allclose(eager.adv_images, adv_images, atol=1e-6)

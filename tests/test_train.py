@@ -48,6 +48,27 @@ def test_adversarial_training_attack_changes_the_inputs(attack):
   assert adv.min() >= 0.0 and adv.max() <= 1.0
 
 
+def test_stadv_adversary_uses_the_configured_search_steps(monkeypatch):
+  config = smoke.get_config()
+  config.adv.attack = "stadv"
+  config.adv.steps = 2
+  assert config.adv.search_steps == 1  # the default keeps training cheap
+  config.adv.search_steps = 3
+  calls = []
+  stadv = fgr_tf.attacks.stadv
+
+  def recording_stadv(*args, **settings):
+    calls.append(settings)
+    return stadv(*args, **settings)
+
+  monkeypatch.setitem(fgr_tf.attacks.ATTACKS, "stadv", recording_stadv)
+  images, labels, backbone = _adversarial_setup(4)
+  adversary = train.make_adversary(config)
+  tf.function(lambda x, y: adversary(backbone, x, y, tf.constant([0, 1])))(
+      images, labels)
+  assert calls and calls[0]["search_steps"] == 3
+
+
 def test_adversarial_training_keeps_a_clean_fraction():
   config = smoke.get_config()
   config.adv.attack = "flow_pgd"

@@ -43,8 +43,9 @@ def stadv(model, images, labels, tau=0.05, kappa=0.0, steps=200,
     kappa: confidence margin of the C&W loss, >= 0.
     steps: Adam iterations per search step.
     learning_rate: Adam step size, in pixels.
-    search_steps: rounds of tau / 10 for the images not yet adversarial
-      (1 = a single run with `tau`).
+    search_steps: rounds in all, each with tau / 10 for the images not yet
+      adversarial (1 = a single run with `tau`); the rounds stop early
+      when every image is adversarial. Works inside a tf.function.
     target: optional [B] int target classes (targeted attack).
 
   Returns:
@@ -61,36 +62,24 @@ def stadv(model, images, labels, tau=0.05, kappa=0.0, steps=200,
                        f"{name}={value}")
   targeted = target is not None
   target = tf.cast(labels if target is None else target, tf.int32)
-  key = ("stadv", float(kappa), int(steps), float(learning_rate), targeted)
+  key = ("stadv", float(kappa), int(steps), float(learning_rate), targeted,
+         int(search_steps))
   attack = common.compiled(model, key, lambda: _build(
-      model, float(kappa), int(steps), float(learning_rate), targeted))
-  batch = tf.shape(images)[0]
-  taus = tf.fill([batch], float(tau))
-  best = None
-  for round_index in range(int(search_steps)):
-    out = attack(images, labels, target, taus)
-    out["iterations"] += round_index * int(steps)
-    if best is None:
-      best = out
-    else:
-      # Only the images that had failed were worth re-running.
-      retry = tf.logical_not(best["success"])
-      best = {k: tf.where(tf.reshape(retry, [-1] + [1] * (v.shape.rank - 1)),
-                          v, best[k]) for k, v in out.items()}
-    if (round_index + 1 == int(search_steps) or
-        bool(tf.reduce_all(best["success"]))):
-      break  # (The last round needs no check: stays graph-compatible.)
-    taus = tf.where(best["success"], taus, taus / 10.0)
-  return common.AttackResult(**best)
+      model, float(kappa), int(steps), float(learning_rate), targeted,
+      int(search_steps)))
+  taus = tf.fill([tf.shape(images)[0]], float(tau))
+  return common.AttackResult(**attack(images, labels, target, taus))
 
 
-def _build(model, kappa, steps, learning_rate, targeted):
+def _build(model, kappa, steps, learning_rate, targeted, search_steps):
+  """The attack, all search rounds in one graph (it also runs inside a
+  compiled training step, where a Python `if` on a tensor cannot)."""
   beta1, beta2, adam_eps = 0.9, 0.999, 1e-8
 
   def deform(images, flow):
     return tf.clip_by_value(warp.dense_image_warp(images, flow), 0.0, 1.0)
 
-  def attack(images, labels, target, tau):
+  def one_round(images, labels, target, tau):
     target_or_none = target if targeted else None
     shape = tf.shape(images)
     batch = shape[0]
@@ -142,5 +131,29 @@ def _build(model, kappa, steps, learning_rate, targeted):
                 success=common.is_adversarial(logits, labels, target_or_none),
                 iterations=state["first_success"], t_norm=common.t_norm(flow),
                 adv_logits=logits)
+
+  def attack(images, labels, target, taus):
+    best = one_round(images, labels, target, taus)
+    if search_steps == 1:
+      return best
+
+    def next_round(round_index, taus, best):
+      # The images still correct are optimized again from zero, tau / 10;
+      # only their results are taken (the others keep theirs).
+      taus = tf.where(best["success"], taus, taus / 10.0)
+      out = one_round(images, labels, target, taus)
+      out["iterations"] += round_index * steps
+      retry = tf.logical_not(best["success"])
+      best = {k: tf.where(tf.reshape(retry, [-1] + [1] * (v.shape.rank - 1)),
+                          v, best[k]) for k, v in out.items()}
+      return round_index + 1, taus, best
+
+    # Stops early once every image is adversarial (no wasted rounds).
+    _, _, best = tf.while_loop(
+        lambda round_index, _, best: tf.logical_and(
+            round_index < search_steps,
+            tf.logical_not(tf.reduce_all(best["success"]))),
+        next_round, (tf.constant(1), taus, best))
+    return best
 
   return attack
