@@ -21,10 +21,21 @@ def prepare():
 USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError)
 
 
+def adopt_key_flags(main):
+  """Makes the flags of `main`'s module key flags of the main program, so
+  `--helpshort` (and `--help`) list them: absl shows the flags of the
+  module named `sys.argv[0]`, which for the console scripts and bin/*.py is
+  a small launcher, not the fgr_tf.apps module that defines the flags."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  for flag in flags.FLAGS.get_key_flags_for_module(main.__module__):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def run(main):
   """absl.app.run(main), with `USER_ERRORS` printed as one line, exit 1."""
   from absl import app  # pylint: disable=g-import-not-at-top
   prepare()
+  adopt_key_flags(main)
 
   def guarded(argv):
     try:
