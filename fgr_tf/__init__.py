@@ -8,6 +8,7 @@ from fgr_tf import attacks
 from fgr_tf import callbacks
 from fgr_tf import data
 from fgr_tf import distribute
+from fgr_tf import errors
 from fgr_tf import evaluation
 from fgr_tf import models
 from fgr_tf.model import FGRModel
@@ -28,6 +29,7 @@ __all__ = [
     "data",
     "dense_image_warp",
     "distribute",
+    "errors",
     "evaluation",
     "flow_gradient_penalty",
     "input_gradient_penalty",

@@ -8,6 +8,7 @@ import shutil
 
 import keras
 
+from fgr_tf import errors
 from fgr_tf import evaluation
 from fgr_tf import files
 
@@ -43,8 +44,8 @@ class RobustnessEvaluation(keras.callbacks.Callback):
                batch_size=256):
     super().__init__()
     if int(every_n_epochs) != every_n_epochs or every_n_epochs < 1:
-      raise ValueError("every_n_epochs must be an int >= 1. Received: "
-                       f"every_n_epochs={every_n_epochs}")
+      raise errors.UserError("every_n_epochs must be an int >= 1. Received: "
+                             f"every_n_epochs={every_n_epochs}")
     self.images = images
     self.labels = labels
     self.attacks = evaluation.resolve_attacks(attacks)

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from fgr_tf import errors
 from fgr_tf import idx
 from fgr_tf import synthetic
 
@@ -44,12 +45,12 @@ def load_idx(data_dir, split):
     ValueError: corrupt or mismatched files.
   """
   if split not in _IDX_FILES:
-    raise ValueError(f"Unknown split {split!r}. Expected one of "
-                     f"{sorted(_IDX_FILES)}.")
+    raise errors.UserError(f"Unknown split {split!r}. Expected one of "
+                           f"{sorted(_IDX_FILES)}.")
   paths = [_find_idx(data_dir, stem) for stem in _IDX_FILES[split]]
   if None in paths:
     missing = [s for s, p in zip(_IDX_FILES[split], paths) if p is None]
-    raise FileNotFoundError(
+    raise errors.DataNotFoundError(
         f"MNIST-format IDX files {missing} (optionally .gz) not found in "
         f"{data_dir!r}. For Fashion-MNIST on Debian/Ubuntu run "
         "`sudo apt-get install dataset-fashion-mnist` (installs them in "
@@ -57,8 +58,8 @@ def load_idx(data_dir, split):
         "--config.data.data_dir, or use --config.data.source=tfds.")
   images, labels = idx.read_idx(paths[0]), idx.read_idx(paths[1])
   if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-    raise ValueError(f"IDX files in {data_dir!r} do not match: images "
-                     f"{images.shape}, labels {labels.shape}.")
+    raise errors.UserError(f"IDX files in {data_dir!r} do not match: images "
+                           f"{images.shape}, labels {labels.shape}.")
   return images[..., None], labels.astype(np.int32)
 
 
@@ -70,7 +71,7 @@ def load_tfds(name, split, data_dir=None):
         name, split=split, data_dir=data_dir, as_supervised=True,
         batch_size=-1))
   except Exception as e:  # tfds raises many types; say what to do.
-    raise FileNotFoundError(
+    raise errors.DataNotFoundError(
         f"Could not load tfds data set {name!r} (split {split!r}, data_dir "
         f"{data_dir!r}): {e}. tfds downloads it on first use (needs a "
         "network); or prepare it elsewhere and copy its data_dir.") from e
@@ -84,8 +85,9 @@ def _example_count(num_examples):
   if num_examples is None or (is_int and num_examples == -1):
     return None
   if not is_int or num_examples < 1:
-    raise ValueError("num_examples must be an int >= 1, or -1 or None for "
-                     f"all examples. Received: num_examples={num_examples}")
+    raise errors.UserError(
+        "num_examples must be an int >= 1, or -1 or None for all examples. "
+        f"Received: num_examples={num_examples}")
   return int(num_examples)
 
 
@@ -108,14 +110,14 @@ def load(name, split, source=None, data_dir=None, num_examples=None):
   """
   num_examples = _example_count(num_examples)
   if name not in DATASETS:
-    raise ValueError(f"Unknown dataset {name!r}. Expected one of "
-                     f"{DATASETS}.")
+    raise errors.UserError(f"Unknown dataset {name!r}. Expected one of "
+                           f"{DATASETS}.")
   if source is None:
     source = {"fashion_mnist": "idx", "synthetic": "synthetic"}.get(name,
                                                                     "tfds")
   if source not in SOURCES:
-    raise ValueError(f"Unknown data source {source!r}. Expected one of "
-                     f"{SOURCES}.")
+    raise errors.UserError(f"Unknown data source {source!r}. Expected one of "
+                           f"{SOURCES}.")
   if source == "synthetic":
     count = num_examples or (4096 if split == "train" else 1024)
     images, labels = synthetic.shapes(count, seed=0 if split == "train" else 1)
@@ -171,7 +173,7 @@ def make_dataset(images, labels, batch_size, train, dataset_name="synthetic",
     seed: shuffle and augmentation seed.
   """
   if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1. Received: {batch_size}")
+    raise errors.UserError(f"batch_size must be >= 1. Received: {batch_size}")
   flip = dataset_name in _FLIP
   dataset = tf.data.Dataset.from_tensor_slices((images, labels))
   if train:

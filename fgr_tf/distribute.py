@@ -2,6 +2,8 @@
 
 import tensorflow as tf
 
+from fgr_tf import errors
+
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 
 
@@ -25,8 +27,8 @@ def get_strategy(name="auto", devices=None, tpu_address=""):
     ValueError: unknown name.
   """
   if name not in STRATEGIES:
-    raise ValueError(f"Unknown strategy {name!r}. Expected one of "
-                     f"{STRATEGIES}.")
+    raise errors.UserError(f"Unknown strategy {name!r}. Expected one of "
+                           f"{STRATEGIES}.")
   if name == "auto":
     gpus = tf.config.list_logical_devices("GPU")
     name = "mirrored" if len(gpus) > 1 else "default"

@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from fgr_tf import attacks as attacks_lib
+from fgr_tf import errors
 from fgr_tf import files
 from fgr_tf import validation
 
@@ -109,7 +110,7 @@ def evaluate(model, data, attacks, batch_size=256, max_examples=None):
     if max_examples is not None and seen >= max_examples:
       break
   if not seen:
-    raise ValueError("evaluate received no examples.")
+    raise errors.UserError("evaluate received no examples.")
   correct = np.concatenate(correct_all)
   results = {"num_examples": int(seen),
              "clean_accuracy": float(correct.mean()), "attacks": {}}
@@ -174,12 +175,12 @@ def evaluate_workdir(config, workdir, checkpoint="best", output=None,
   from fgr_tf import data as data_lib  # pylint: disable=g-import-not-at-top
   import keras  # pylint: disable=g-import-not-at-top
   if checkpoint not in ("best", "final"):
-    raise ValueError(f"checkpoint must be 'best' or 'final'. Received: "
-                     f"{checkpoint!r}")
+    raise errors.UserError(f"checkpoint must be 'best' or 'final'. Received: "
+                           f"{checkpoint!r}")
   path = os.path.join(workdir, f"{checkpoint}.keras")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"No checkpoint {path}: train first "
-                            "(fgr-train --config=... --workdir=...).")
+    raise errors.DataNotFoundError(f"No checkpoint {path}: train first "
+                                   "(fgr-train --config=... --workdir=...).")
   model = keras.saving.load_model(path)
   images, labels = data_lib.load(
       config.data.name, "test", source=config.data.source or None,

@@ -14,6 +14,7 @@ import shutil
 import keras
 import tensorflow as tf
 
+from fgr_tf import errors
 from fgr_tf import validation
 
 
@@ -61,8 +62,8 @@ def export_saved_model(model, export_dir, input_shape=None):
   if input_shape is None:
     input_shape = tuple(backbone.input_shape[1:])
   if len(input_shape) != 3 or None in input_shape:
-    raise ValueError("input_shape must be a fully known (height, width, "
-                     f"channels). Received: input_shape={input_shape}")
+    raise errors.UserError("input_shape must be a fully known (height, width, "
+                           f"channels). Received: input_shape={input_shape}")
   shape = [None, *input_shape]
   archive = keras.export.ExportArchive()
   archive.track(backbone)

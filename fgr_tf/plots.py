@@ -5,6 +5,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
 
+from fgr_tf import errors  # noqa: E402  pylint: disable=g-import-not-at-top
+
 
 def plot_lambda_tradeoff(results, path, attack="flow_pgd"):
   """Clean vs adversarial accuracy, one point per lambda (the paper's figure).
@@ -18,7 +20,7 @@ def plot_lambda_tradeoff(results, path, attack="flow_pgd"):
                    r["attacks"][attack]["adversarial_accuracy"])
                   for r in results if attack in r["attacks"])
   if not points:
-    raise ValueError(f"No results contain attack {attack!r}.")
+    raise errors.UserError(f"No results contain attack {attack!r}.")
   fig, ax = plt.subplots(figsize=(4.5, 3.5), dpi=100)
   lams = [p[0] for p in points]
   ax.plot(lams, [p[1] for p in points], "o-", label="clean")
@@ -57,7 +59,7 @@ def plot_minimal_attack_norms(results, labels, attacks, path):
   import numpy as np  # pylint: disable=g-import-not-at-top
   attacks = [a for a in attacks if a in results[0]["attacks"]]
   if not attacks:
-    raise ValueError("No minimal attacks in the results.")
+    raise errors.UserError("No minimal attacks in the results.")
   fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
   width = 0.8 / len(results)
   for i, (result, label) in enumerate(zip(results, labels)):

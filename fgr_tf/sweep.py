@@ -24,6 +24,7 @@ import time
 
 from absl import logging
 
+from fgr_tf import errors
 from fgr_tf import evaluation
 from fgr_tf import files
 from fgr_tf import plots
@@ -40,7 +41,8 @@ def parse_overrides(text):
   for item in text.split():
     path, sep, raw = item.partition("=")
     if not sep or not path:
-      raise ValueError(f"Bad override {item!r}: expected field.path=value.")
+      raise errors.UserError(
+          f"Bad override {item!r}: expected field.path=value.")
     try:
       value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -62,9 +64,9 @@ def apply_overrides(config, text, name="variant"):
         raise KeyError(leaf)
       node[leaf] = value
     except (KeyError, AttributeError) as e:
-      raise ValueError(f"{name}: unknown config field {path!r}.") from e
+      raise errors.UserError(f"{name}: unknown config field {path!r}.") from e
     except TypeError as e:
-      raise ValueError(f"{name}: bad value for {path!r}: {e}") from e
+      raise errors.UserError(f"{name}: bad value for {path!r}: {e}") from e
   return config
 
 
@@ -73,11 +75,11 @@ def variant_overrides(config):
   specs = {}
   for entry in config.sweep.variants:
     if len(entry) != 2 or not all(isinstance(e, str) for e in entry):
-      raise ValueError("sweep.variants must hold (name, overrides) string "
-                       f"pairs. Received: {entry!r}")
+      raise errors.UserError("sweep.variants must hold (name, overrides) "
+                             f"string pairs. Received: {entry!r}")
     if entry[0] in specs:
-      raise ValueError(f"Variant {entry[0]!r} appears twice in "
-                       "sweep.variants.")
+      raise errors.UserError(f"Variant {entry[0]!r} appears twice in "
+                             "sweep.variants.")
     specs[entry[0]] = entry[1]
   return specs
 
@@ -88,8 +90,8 @@ def variants(config):
   names = [n.strip() for n in config.sweep.only.split(",") if n.strip()]
   for name in names:
     if name not in specs:
-      raise ValueError(f"Unknown variant {name!r} in sweep.only. Expected "
-                       f"some of {list(specs)}.")
+      raise errors.UserError(f"Unknown variant {name!r} in sweep.only. "
+                             f"Expected some of {list(specs)}.")
   return {name: apply_overrides(config, specs[name], name)
           for name in (names or specs)}
 

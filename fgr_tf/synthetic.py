@@ -8,6 +8,8 @@ change real digits and garments, so tests and smoke runs need no download.
 
 import numpy as np
 
+from fgr_tf import errors
+
 NUM_CLASSES = 10
 
 
@@ -57,7 +59,7 @@ def shapes(num_examples, size=28, seed=0, noise=0.05):
     noise: std of the additive Gaussian noise (values are clipped).
   """
   if size < 12:
-    raise ValueError(f"size must be >= 12. Received: size={size}")
+    raise errors.UserError(f"size must be >= 12. Received: size={size}")
   rng = np.random.default_rng(seed)
   labels = rng.integers(0, NUM_CLASSES, size=num_examples).astype(np.int32)
   images = np.stack([_draw(k, size, rng) for k in labels])

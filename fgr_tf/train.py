@@ -21,6 +21,7 @@ from fgr_tf import attacks
 from fgr_tf import callbacks as callbacks_lib
 from fgr_tf import data as data_lib
 from fgr_tf import distribute
+from fgr_tf import errors
 from fgr_tf import files
 from fgr_tf import models
 from fgr_tf.model import FGRModel
@@ -28,8 +29,8 @@ from fgr_tf.model import FGRModel
 MIXED_PRECISION = ("", "mixed_float16", "mixed_bfloat16")
 
 
-class TrainingDiverged(RuntimeError):
-  """The loss became NaN or Inf; the workdir keeps the last good state."""
+# The loss became NaN or Inf; the workdir keeps the last good state.
+TrainingDiverged = errors.TrainingDiverged
 
 
 def prepare_workdir(workdir):
@@ -41,7 +42,7 @@ def prepare_workdir(workdir):
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    raise ValueError(f"workdir {workdir!r} is not writable: {e}") from e
+    raise errors.UserError(f"workdir {workdir!r} is not writable: {e}") from e
 
 
 def load_splits(config):
@@ -89,12 +90,12 @@ def make_adversary(config):
   if not adv.attack:
     return None
   if adv.attack not in ADVERSARIAL_TRAINING_ATTACKS:
-    raise ValueError(f"Unknown adversarial-training attack "
-                     f"{adv.attack!r}. Expected '' or one of "
-                     f"{ADVERSARIAL_TRAINING_ATTACKS}.")
+    raise errors.UserError(f"Unknown adversarial-training attack "
+                           f"{adv.attack!r}. Expected '' or one of "
+                           f"{ADVERSARIAL_TRAINING_ATTACKS}.")
   if not 0.0 <= adv.clean_fraction < 1.0:
-    raise ValueError("adv.clean_fraction must be in [0, 1). Received: "
-                     f"adv.clean_fraction={adv.clean_fraction}")
+    raise errors.UserError("adv.clean_fraction must be in [0, 1). Received: "
+                           f"adv.clean_fraction={adv.clean_fraction}")
   if adv.attack == "flow_pgd":
     settings = dict(epsilon=adv.epsilon, steps=adv.steps,
                     random_start=adv.random_start)
@@ -149,8 +150,9 @@ def train_and_evaluate(config, workdir):
     TrainingDiverged: the loss became NaN/Inf (nothing good is overwritten).
   """
   if config.mixed_precision not in MIXED_PRECISION:
-    raise ValueError(f"Unknown mixed_precision {config.mixed_precision!r}. "
-                     f"Expected one of {MIXED_PRECISION}.")
+    raise errors.UserError(
+        f"Unknown mixed_precision {config.mixed_precision!r}. Expected one "
+        f"of {MIXED_PRECISION}.")
   prepare_workdir(workdir)
   files.write_text(os.path.join(workdir, "config.json"),
                    config.to_json_best_effort(indent=2))
@@ -164,7 +166,7 @@ def train_and_evaluate(config, workdir):
   strategy = distribute.get_strategy(config.strategy)
   batch = config.train.batch_size
   if batch % strategy.num_replicas_in_sync:
-    raise ValueError(
+    raise errors.UserError(
         f"train.batch_size={batch} is not divisible by the "
         f"{strategy.num_replicas_in_sync} replicas of the strategy.")
   train_ds = data_lib.make_dataset(train_x, train_y, batch, train=True,

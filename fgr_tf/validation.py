@@ -9,6 +9,8 @@ training step only `graph_assertions` applies (cheap min/max checks).
 import numpy as np
 import tensorflow as tf
 
+from fgr_tf import errors
+
 
 def _is_concrete(x):
   return isinstance(x, np.ndarray) or (isinstance(x, tf.Tensor) and
@@ -49,27 +51,28 @@ def check_images(images, where, channels=None):
   expected = ("float images of shape [batch, height, width, channels] with "
               "values in [0, 1]")
   if images.shape.rank != 4:
-    raise ValueError(f"{where} expects {expected}. Received: shape="
-                     f"{images.shape} (rank {images.shape.rank}).")
+    raise errors.UserError(f"{where} expects {expected}. Received: shape="
+                           f"{images.shape} (rank {images.shape.rank}).")
   if not images.dtype.is_floating:
     hint = (" Convert with fgr_tf.data.to_unit_float(images) (divides by "
             "255)." if images.dtype.is_integer else "")
-    raise ValueError(f"{where} expects {expected}. Received: dtype="
-                     f"{images.dtype.name}.{hint}")
+    raise errors.UserError(f"{where} expects {expected}. Received: dtype="
+                           f"{images.dtype.name}.{hint}")
   if channels is not None and images.shape[-1] not in (None, channels):
-    raise ValueError(f"{where}: the model expects {channels} channels. "
-                     f"Received: shape={images.shape}.")
+    raise errors.UserError(f"{where}: the model expects {channels} channels. "
+                           f"Received: shape={images.shape}.")
   if concrete and images.shape.num_elements():
     values = images.numpy()
     if not np.isfinite(values).all():
-      raise ValueError(f"{where}: images contain NaN or Inf "
-                       f"({int((~np.isfinite(values)).sum())} values).")
+      raise errors.UserError(f"{where}: images contain NaN or Inf "
+                             f"({int((~np.isfinite(values)).sum())} values).")
     low, high = float(values.min()), float(values.max())
     if low < 0.0 or high > 1.0:
       hint = (" They look like 0-255 pixel values: divide by 255."
               if high > 1.0 and high <= 255.0 and low >= 0.0 else "")
-      raise ValueError(f"{where} expects image values in [0, 1]. Received: "
-                       f"min {low:g}, max {high:g}.{hint}")
+      raise errors.UserError(
+          f"{where} expects image values in [0, 1]. Received: min {low:g}, "
+          f"max {high:g}.{hint}")
   return images
 
 
@@ -84,19 +87,19 @@ def check_labels(labels, where, num_classes=None, batch=None):
   if labels.shape.rank == 2 and labels.shape[1] == 1:  # keras.datasets style
     labels = tf.reshape(labels, [-1])
   if labels.shape.rank != 1 or not labels.dtype.is_integer:
-    raise ValueError(f"{where} expects integer labels of shape [batch]. "
-                     f"Received: shape={labels.shape}, dtype="
-                     f"{labels.dtype.name}.")
+    raise errors.UserError(f"{where} expects integer labels of shape [batch]. "
+                           f"Received: shape={labels.shape}, dtype="
+                           f"{labels.dtype.name}.")
   if batch is not None and labels.shape[0] not in (None, batch):
-    raise ValueError(f"{where}: {batch} images but {labels.shape[0]} "
-                     "labels.")
+    raise errors.UserError(f"{where}: {batch} images but {labels.shape[0]} "
+                           "labels.")
   if concrete and num_classes and labels.shape.num_elements():
     values = labels.numpy()
     low, high = int(values.min()), int(values.max())
     if low < 0 or high >= num_classes:
-      raise ValueError(f"{where}: labels must be in [0, {num_classes}) for "
-                       f"a model with {num_classes} classes. Received: min "
-                       f"{low}, max {high}.")
+      raise errors.UserError(
+          f"{where}: labels must be in [0, {num_classes}) for a model with "
+          f"{num_classes} classes. Received: min {low}, max {high}.")
   return labels
 
 

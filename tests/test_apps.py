@@ -5,8 +5,17 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from fgr_tf import attacks
+from fgr_tf import data
+from fgr_tf import distribute
+from fgr_tf import errors
+from fgr_tf import sweep
+from fgr_tf import train
+from fgr_tf import validation
+from configs import smoke
 from helpers import ROOT
 
 BIN = pathlib.Path(sys.executable).parent
@@ -44,3 +53,61 @@ def test_helpshort_lists_the_flags_of_fgr_train_and_bin_train():
 @pytest.mark.parametrize("name", sorted(set(APP_FLAGS) - {"train"}))
 def test_helpshort_lists_the_flags_of_every_app(name):
   _assert_helpshort_lists([str(BIN / f"fgr-{name}")], APP_FLAGS[name])
+
+
+def _run_main_raising(error):
+  code = ("from fgr_tf import apps\n"
+          + ("from fgr_tf import errors\n" if "errors." in error else "") +
+          "def main(argv):\n"
+          f"  raise {error}\n"
+          "apps.run(main)\n")
+  return _run([sys.executable, "-c", code])
+
+
+def test_a_user_error_is_one_line_and_exit_1():
+  proc = _run_main_raising("errors.UserError('bad value: lam=-1')")
+  assert proc.returncode == 1
+  assert "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "-c: error: UserError: bad value: lam=-1")
+
+
+def test_a_bug_keeps_its_traceback():
+  """A plain ValueError (or any other error we did not raise on purpose)
+  is a bug: it must not look like a user's mistake."""
+  for error in ("ValueError('a bug')", "RuntimeError('a bug')",
+                "OSError('a bug')"):
+    proc = _run_main_raising(error)
+    assert proc.returncode == 1
+    assert "Traceback (most recent call last)" in proc.stderr, error
+    assert proc.stderr.strip().splitlines()[-1].endswith(error.replace(
+        "('", ": ").replace("')", "")), proc.stderr
+
+
+def test_fgr_train_prints_a_library_user_error_on_one_line(tmp_path):
+  """A typo in the data set name, found deep in the library."""
+  proc = _run([str(BIN / "fgr-train"), "--config=configs/smoke.py",
+               f"--workdir={tmp_path}", "--config.data.name=imagenet"])
+  assert proc.returncode == 1
+  assert "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      "fgr-train: error: UserError: Unknown dataset 'imagenet'")
+
+
+def test_the_errors_we_raise_on_purpose_are_user_errors(tmp_path):
+  config = smoke.get_config()
+  config.adv.attack = "fgsm"
+  for call in (lambda: data.load("imagenet", "train"),
+               lambda: data.load("synthetic", "test", num_examples=0),
+               lambda: attacks.get("fgsm"),
+               lambda: distribute.get_strategy("gpu9"),
+               lambda: validation.check_images(np.zeros((2, 4, 4, 1)) + 9,
+                                               "test"),
+               lambda: sweep.parse_overrides("fgr.lam"),
+               lambda: train.make_adversary(config)):
+    with pytest.raises(errors.UserError):
+      call()
+  with pytest.raises(errors.DataNotFoundError) as missing:
+    data.load("fashion_mnist", "train", data_dir=str(tmp_path))
+  assert isinstance(missing.value, FileNotFoundError)
+  assert issubclass(train.TrainingDiverged, errors.ONE_LINE_ERRORS)

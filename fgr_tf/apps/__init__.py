@@ -6,6 +6,8 @@ Each parses flags, loads a config and calls the library; nothing else.
 import os
 import sys
 
+from fgr_tf import errors
+
 
 def prepare():
   """Quiets TF's C++ logs and puts the current directory on sys.path, so
@@ -16,9 +18,10 @@ def prepare():
     sys.path.insert(0, os.getcwd())
 
 
-# Errors whose message says what is wrong and what to do: printed without a
-# traceback (set FGR_TF_TRACEBACK=1 to see it).
-USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError)
+# Errors we raise on purpose, whose message says what is wrong and what to
+# do (`fgr_tf.errors`): printed without a traceback (set FGR_TF_TRACEBACK=1
+# to see it). Anything else is a bug and keeps its traceback.
+USER_ERRORS = errors.ONE_LINE_ERRORS
 
 
 def adopt_key_flags(main):

@@ -24,10 +24,14 @@ flags.mark_flags_as_required(["results"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from fgr_tf import errors  # pylint: disable=g-import-not-at-top
   from fgr_tf import evaluation  # pylint: disable=g-import-not-at-top
   from fgr_tf import plots  # pylint: disable=g-import-not-at-top
   results = []
   for path in _RESULTS.value:
+    if not os.path.exists(path):
+      raise errors.DataNotFoundError(
+          f"No results file {path!r}: run fgr-evaluate (or fgr-sweep) first.")
     with open(path) as f:
       results.append(json.load(f))
   labels = _LABELS.value or [os.path.basename(os.path.dirname(

@@ -6,6 +6,7 @@ inference mode without changing its variables, and returns an
 in pixels).
 """
 
+from fgr_tf import errors
 from fgr_tf.attacks.adef import adef
 from fgr_tf.attacks.common import AttackResult
 from fgr_tf.attacks.flow_pgd import flow_pgd
@@ -24,8 +25,8 @@ ATTACKS = {
 def get(name):
   """The attack function called `name` (one of `ATTACKS`)."""
   if name not in ATTACKS:
-    raise ValueError(f"Unknown attack {name!r}. Expected one of "
-                     f"{sorted(ATTACKS)}.")
+    raise errors.UserError(f"Unknown attack {name!r}. Expected one of "
+                           f"{sorted(ATTACKS)}.")
   return ATTACKS[name]
 
 

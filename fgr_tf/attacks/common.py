@@ -5,6 +5,7 @@ import dataclasses
 from absl import logging
 import tensorflow as tf
 
+from fgr_tf import errors
 from fgr_tf import validation
 
 
@@ -43,8 +44,8 @@ def stateless_seed(seed):
     return tf.constant([seed, 0], tf.int32)
   seed = tf.cast(seed, tf.int32)
   if seed.shape != (2,):
-    raise ValueError(f"seed must be an int or a [2] int tensor. Received: "
-                     f"shape {seed.shape}")
+    raise errors.UserError("seed must be an int or a [2] int tensor. "
+                           f"Received: shape {seed.shape}")
   return seed
 
 

@@ -2,6 +2,7 @@
 
 import tensorflow as tf
 
+from fgr_tf import errors
 from fgr_tf import warp
 from fgr_tf.attacks import common
 
@@ -54,12 +55,12 @@ def stadv(model, images, labels, tau=0.05, kappa=0.0, steps=200,
   """
   images, labels = common.check_inputs(images, labels, "stadv", model)
   if not tau >= 0 or not kappa >= 0:
-    raise ValueError(f"tau and kappa must be >= 0. Received: tau={tau}, "
-                     f"kappa={kappa}")
+    raise errors.UserError(f"tau and kappa must be >= 0. Received: tau={tau}, "
+                           f"kappa={kappa}")
   for name, value in (("steps", steps), ("search_steps", search_steps)):
     if int(value) != value or value < 1:
-      raise ValueError(f"{name} must be an int >= 1. Received: "
-                       f"{name}={value}")
+      raise errors.UserError(f"{name} must be an int >= 1. Received: "
+                             f"{name}={value}")
   targeted = target is not None
   target = tf.cast(labels if target is None else target, tf.int32)
   key = ("stadv", float(kappa), int(steps), float(learning_rate), targeted,
