@@ -2,8 +2,10 @@
 
 import keras
 
+from fgr_tf import errors
 from fgr_tf.models import batch_norm
 from fgr_tf.models import gemm_conv
+from fgr_tf.models import pooling
 
 # PyTorch's BatchNorm2d: eps 1e-5, running = 0.9 running + 0.1 batch.
 BN_EPSILON = 1e-5
@@ -26,7 +28,7 @@ class LayerFactory:
 
   def __init__(self, dtype=None, weight_decay=0.0, sync_batchnorm=False):
     if weight_decay < 0:
-      raise ValueError(
+      raise errors.UserError(
           f"weight_decay must be >= 0. Received: weight_decay={weight_decay}")
     self.dtype = dtype
     self.sync_batchnorm = sync_batchnorm
@@ -55,4 +57,4 @@ class LayerFactory:
     return keras.layers.ReLU(dtype=self.dtype, name=name)
 
   def max_pool(self, name=None):
-    return keras.layers.MaxPooling2D(2, 2, dtype=self.dtype, name=name)
+    return pooling.MaxPooling2D(2, 2, dtype=self.dtype, name=name)

@@ -1,0 +1,156 @@
+"""Max pooling whose first and second derivatives pick the same element.
+
+FGR differentiates the gradient of the loss, so a max pool is
+differentiated twice: once by `MaxPoolGrad` (the first derivative, which
+routes each window's upstream gradient to the element that won the
+window) and once by the gradient of that (`MaxPoolGradGrad`). After a ReLU
+many windows hold tied maxima (all zeros), and then WHICH element wins
+matters: TensorFlow's CPU kernels take the first, while XLA's
+`MaxPoolGradGrad` (tensorflow/compiler/tf2xla/kernels/pooling_ops.cc)
+selects the window maximum from the input rounded to bfloat16 and takes
+the LAST of tied maxima. Under XLA (the GPU default) the two derivatives
+then disagree and the FGR parameter gradients of a conv-BN-ReLU-maxpool
+net were off by 8-16% of their largest entry.
+
+Here the winner of each window is chosen once, explicitly: the FIRST
+maximum in row-major order (as PyTorch's and TF's CPU kernels do), and the
+gradient routes through a constant 0/1 selection mask. The forward value
+is TF's own max pool; the first derivative is `unpool(dy) * mask`, a
+linear function of dy, so its own derivative (what FGR needs) picks the
+same elements on every execution path: graph, XLA, GPU.
+"""
+
+import keras
+import tensorflow as tf
+
+
+def _first_max_mask(windows, pooled):
+  """0/1 mask [B, Ho, ph, Wo, pw, C] of the first maximum of each window.
+
+  Args:
+    windows: [B, Ho, ph, Wo, pw, C]; window element (i, j) of output
+      (y, x) is [:, y, i, x, j, :].
+    pooled: [B, Ho, Wo, C], the window maxima (exact: max pooling only
+      selects).
+
+  Element (i, j) wins if it equals the maximum and no element before it in
+  row-major order does. (A window with a NaN has no winner: zero gradient.)
+  """
+  ph, pw = windows.shape[2], windows.shape[4]
+  is_max = tf.equal(windows, pooled[:, :, None, :, None, :])
+  taken = None
+  rows = []
+  for i in range(ph):
+    row = []
+    for j in range(pw):
+      wins = is_max[:, :, i, :, j, :]
+      if taken is not None:
+        wins, taken = (tf.logical_and(wins, tf.logical_not(taken)),
+                       tf.logical_or(taken, wins))
+      else:
+        taken = wins
+      row.append(tf.cast(wins, windows.dtype))
+    rows.append(tf.stack(row, axis=3))
+  return tf.stack(rows, axis=2)
+
+
+def _windows(x, size):
+  """[B, H, W, C] -> [B, H // ph, ph, W // pw, pw, C] (rows/columns that
+  do not fill a window are dropped, as "valid" pooling does)."""
+  ph, pw = size
+  height, width = x.shape[1] // ph, x.shape[2] // pw
+  x = x[:, :height * ph, :width * pw, :]
+  return tf.reshape(x, [-1, height, ph, width, pw, x.shape[3]])
+
+
+def _pool_sum(values, mask):
+  """sum over each window of values * mask: [B, H, W, C] -> [B, Ho, Wo, C]."""
+  return tf.reduce_sum(_windows(values, (mask.shape[2], mask.shape[4])) * mask,
+                       axis=[2, 4])
+
+
+def _unpool(dy, mask, input_shape):
+  """dy [B, Ho, Wo, C] routed to the mask's elements: [B, H, W, C]."""
+  ph, pw = mask.shape[2], mask.shape[4]
+  routed = tf.reshape(mask * dy[:, :, None, :, None, :],
+                      [-1, dy.shape[1] * ph, dy.shape[2] * pw, dy.shape[3]])
+  pad_h = input_shape[1] - routed.shape[1]
+  pad_w = input_shape[2] - routed.shape[2]
+  if pad_h or pad_w:
+    routed = tf.pad(routed, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
+  return routed
+
+
+def _native_first_derivative():
+  """Whether TF's MaxPoolGrad may compute the first derivative.
+
+  On CPU (graph and XLA) it routes to the first of tied maxima, like the
+  mask (tested); cuDNN's tie rule is not documented, so with GPUs present
+  the mask computes it too.
+  """
+  return not tf.config.list_logical_devices("GPU")
+
+
+def max_pool(x, size=(2, 2)):
+  """Non-overlapping "valid" max pooling (stride = window) of NHWC `x`.
+
+  Args:
+    x: [B, H, W, C] float, static H, W, C.
+    size: (ph, pw) window = stride, in pixels.
+
+  Returns:
+    [B, H // ph, W // pw, C], equal to `tf.nn.max_pool2d(x, size, size,
+    "VALID")`. Its gradient routes each window's upstream gradient to the
+    FIRST of its tied maxima, and the gradient of that gradient picks the
+    same element, on every execution path.
+  """
+  size = tuple(size)
+  ksize = [1, size[0], size[1], 1]
+
+  @tf.custom_gradient
+  def pool(x):
+    y = tf.nn.max_pool2d(x, size, size, "VALID")
+
+    def mask():
+      return tf.stop_gradient(_first_max_mask(_windows(x, size), y))
+
+    @tf.custom_gradient
+    def first_derivative(dy):
+      if _native_first_derivative():
+        dx = tf.raw_ops.MaxPoolGrad(orig_input=x, orig_output=y, grad=dy,
+                                    ksize=ksize, strides=ksize,
+                                    padding="VALID")
+      else:
+        dx = _unpool(dy, mask(), x.shape)
+
+      def second_derivative(e):  # linear in e: differentiable again
+        return _pool_sum(e, mask())
+
+      return dx, second_derivative
+
+    return y, first_derivative
+
+  return pool(x)
+
+
+def applies(inputs_shape, pool_size, strides, padding, data_format):
+  """Whether a MaxPooling2D call can take `max_pool`."""
+  if len(inputs_shape) != 4 or None in tuple(inputs_shape[1:]):
+    return False
+  return (tuple(pool_size) == tuple(strides) and padding == "valid" and
+          data_format == "channels_last")
+
+
+@keras.saving.register_keras_serializable(package="fgr_tf")
+class MaxPooling2D(keras.layers.MaxPooling2D):
+  """`keras.layers.MaxPooling2D` with consistent first/second derivatives.
+
+  Non-overlapping "valid" NHWC pools (window = stride, static shape) take
+  `max_pool`; any other configuration is Keras's. Same config.
+  """
+
+  def call(self, inputs):
+    if applies(inputs.shape, self.pool_size, self.strides, self.padding,
+               self.data_format):
+      return max_pool(inputs, self.pool_size)
+    return super().call(inputs)

@@ -1,0 +1,85 @@
+"""Max pooling whose first and second derivatives pick the same element."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from fgr_tf.models import pooling
+
+
+def _derivatives(pool, x, dy, w, jit):
+  """(pool(x), d<pool(x), dy>/dx, d<that, w>/d dy) in one function."""
+
+  @tf.function(jit_compile=jit)
+  def run(x, dy):
+    with tf.GradientTape() as outer:
+      outer.watch(dy)
+      with tf.GradientTape() as inner:
+        inner.watch(x)
+        y = pool(x)
+      dx = inner.gradient(y, x, dy)
+      second = tf.reduce_sum(dx * w)
+    return y, dx, outer.gradient(second, dy)
+
+  return run(x, dy)
+
+
+def _inputs(shape, near_ties):
+  rng = np.random.default_rng(0)
+  if near_ties:  # equal after rounding to bfloat16, distinct in float32
+    x = rng.uniform(0.5, 0.5001, size=shape)
+  else:  # after a ReLU: exact ties at 0, plus one tie of positives
+    x = np.maximum(rng.normal(size=shape), 0)
+    x[0, 0, 0, 0] = x[0, 0, 1, 0] = 5.0
+  out = (shape[0], shape[1] // 2, shape[2] // 2, shape[3])
+  return (tf.constant(x, tf.float32),
+          tf.constant(rng.normal(size=out), tf.float32),
+          tf.constant(rng.normal(size=shape), tf.float32))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("native_first", [True, False])
+@pytest.mark.parametrize("shape,near_ties", [((3, 8, 8, 2), True),
+                                             ((3, 7, 9, 2), False)])
+def test_both_derivatives_route_to_the_first_maximum(jit, native_first, shape,
+                                                     near_ties, monkeypatch):
+  monkeypatch.setattr(pooling, "_native_first_derivative",
+                      lambda: native_first)
+  x, dy, w = _inputs(shape, near_ties)
+  y, dx, second = _derivatives(pooling.max_pool, x, dy, w, jit)
+  np.testing.assert_array_equal(y, tf.nn.max_pool2d(x, 2, 2, "VALID"))
+  # The first maximum of each window, in row-major order, by NumPy:
+  xs = x.numpy()
+  rows, cols = shape[1] // 2 * 2, shape[2] // 2 * 2
+  windows = xs[:, :rows, :cols].reshape(shape[0], rows // 2, 2, cols // 2, 2,
+                                        shape[3]).transpose(0, 1, 3, 5, 2, 4)
+  first = windows.reshape(windows.shape[:4] + (4,)).argmax(-1)
+  mask = np.zeros(windows.shape[:4] + (4,))
+  np.put_along_axis(mask, first[..., None], 1.0, axis=-1)
+  mask = mask.reshape(windows.shape).transpose(0, 1, 4, 2, 5, 3).reshape(
+      shape[0], rows, cols, shape[3])
+  expected_dx = np.zeros(shape)
+  expected_dx[:, :rows, :cols] = mask * np.repeat(np.repeat(dy, 2, 1), 2, 2)
+  np.testing.assert_array_equal(dx, expected_dx.astype(np.float32))
+  # The second derivative sums w over the same elements.
+  expected = (mask * w.numpy()[:, :rows, :cols]).reshape(
+      shape[0], rows // 2, 2, cols // 2, 2, shape[3]).sum(axis=(2, 4))
+  np.testing.assert_allclose(second, expected, rtol=1e-6, atol=1e-6)
+  assert xs[0, 0, 0, 0] != 5.0 or dx[0, 0, 0, 0] != 0 and dx[0, 0, 1, 0] == 0
+
+
+def test_layer_keeps_keras_config_and_round_trips(tmp_path):
+  inputs = keras.Input((6, 6, 2))
+  model = keras.Model(inputs, pooling.MaxPooling2D(2, 2)(inputs))
+  path = tmp_path / "pool.keras"
+  model.save(path)
+  loaded = keras.saving.load_model(path)
+  assert isinstance(loaded.layers[-1], pooling.MaxPooling2D)
+  x = np.random.default_rng(1).normal(size=(2, 6, 6, 2)).astype(np.float32)
+  np.testing.assert_array_equal(loaded(x), tf.nn.max_pool2d(x, 2, 2, "VALID"))
+  # Overlapping pools are Keras's own.
+  overlapping = pooling.MaxPooling2D(3, 2)
+  assert not pooling.applies((2, 6, 6, 2), overlapping.pool_size,
+                             overlapping.strides, overlapping.padding,
+                             overlapping.data_format)
