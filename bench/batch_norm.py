@@ -9,9 +9,10 @@ beta. Implementations: "keras_formula" (mean / variance / normalize as
 unfused ops, differentiated by TF: what the unfused path of
 `fgr_tf.models.batch_norm` does), "tf_fused" (TF's `FusedBatchNormV3` with
 TF's registered gradients, whose second derivative re-derives the backward
-pass with unfused ops), "fgr_tf" (`fused_batch_norm.train_batch_norm`: the
-fused kernels with the hand-written second derivative). Prints ms (median
-of --repeats) and the largest gradient difference from keras_formula.
+pass with unfused ops; not exact under XLA), "fgr_tf"
+(`train_batch_norm.train_batch_norm`: two-pass statistics, hand-written
+first and second derivatives in plain ops). Prints ms (median of
+--repeats) and the largest gradient difference from keras_formula.
 """
 
 import os
@@ -23,7 +24,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from bench import timing  # noqa: E402
-from fgr_tf.models import fused_batch_norm  # noqa: E402
+from fgr_tf.models import train_batch_norm  # noqa: E402
 
 EPSILON = 1e-5
 
@@ -43,7 +44,7 @@ def tf_fused(x, gamma, beta):
 
 
 def fgr_tf(x, gamma, beta):
-  return fused_batch_norm.train_batch_norm(x, gamma, beta, EPSILON)[0]
+  return train_batch_norm.train_batch_norm(x, gamma, beta, EPSILON)[0]
 
 
 IMPLEMENTATIONS = {"keras_formula": keras_formula, "tf_fused": tf_fused,

@@ -91,8 +91,8 @@ def test_fused_batchnorm_equals_the_unfused_path(monkeypatch):
             layer(x, training=False)]
 
   fused = run()
-  assert batch_norm.BatchNormalization(epsilon=1e-5)._can_fuse(x)
-  monkeypatch.setattr(batch_norm.BatchNormalization, "_can_fuse",
+  assert batch_norm.BatchNormalization(epsilon=1e-5)._fast_path(x)
+  monkeypatch.setattr(batch_norm.BatchNormalization, "_fast_path",
                       lambda *args: False)
   unfused = run()
   for name, a, b in zip(["train", "grad", "moving_mean", "moving_var",
@@ -135,7 +135,7 @@ def test_fused_batchnorm_second_derivatives_equal_the_float64_layer():
                                               [w, layer.gamma, layer.beta])]
 
   layer32 = batch_norm.BatchNormalization()
-  assert layer32._can_fuse(tf.zeros((3, 5, 5, 4)))
+  assert layer32._fast_path(tf.zeros((3, 5, 5, 4)))
   for name, ours, exact in zip(["kernel", "gamma", "beta"],
                                outer_gradients("float32"),
                                outer_gradients("float64")):

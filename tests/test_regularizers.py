@@ -9,6 +9,7 @@ from fgr_tf import regularizers
 from fgr_tf.models import layers as layers_lib
 from fgr_tf.models import vgg as vgg_lib
 from conftest import load_npz
+from helpers import no_bn_model
 
 H = W = 32
 
@@ -155,15 +156,10 @@ def test_tfa_pitfall_penalty_is_only_the_last_row_and_column(golden):
   assert full > 100 * tfa["penalty"]
 
 
-def _no_bn_model():
-  tf.keras.utils.set_random_seed(0)
-  return fgr_tf.models.build("small_cnn", 3, (8, 8, 2), dtype="float64")
-
-
 def test_input_gradient_penalty_is_mean_squared_norm_of_batch_mean_gradient():
   # Inference-mode BatchNorm: samples are independent, so the gradient of
   # the batch mean w.r.t. x_b is (1/B) d CE_b / d x_b.
-  model = _no_bn_model()
+  model = no_bn_model()
   rng = np.random.default_rng(0)
   images = tf.constant(rng.uniform(size=(5, 8, 8, 2)))
   labels = tf.constant([0, 1, 2, 0, 1])
@@ -182,7 +178,7 @@ def test_input_gradient_penalty_is_mean_squared_norm_of_batch_mean_gradient():
 
 
 def test_global_batch_size_gives_the_share_of_the_global_mean():
-  model = _no_bn_model()
+  model = no_bn_model()
   rng = np.random.default_rng(1)
   images = tf.constant(rng.uniform(size=(6, 8, 8, 2)))
   labels = tf.constant([0, 1, 2, 0, 1, 2])
@@ -201,14 +197,13 @@ def test_global_batch_size_gives_the_share_of_the_global_mean():
   np.testing.assert_allclose(doubled, penalty / 4, rtol=1e-12)
 
 
-def test_golden_parameter_gradients_in_float32_through_fused_batchnorm(golden):
-  """float32 takes the fused BatchNorm kernels; second derivatives still
-  match the original's parameter gradients of ce + lam * penalty."""
+def test_golden_parameter_gradients_in_float32_through_fast_batchnorm(golden):
+  """float32 takes the hand-written BatchNorm (`train_batch_norm`); second
+  derivatives still match the original's parameter gradients of
+  ce + lam * penalty."""
   model = build_golden_vgg(golden, dtype="float32")
   images = tf.constant(golden["images"], tf.float32)
-  graph = tf.function(lambda x: model(x, training=True)).get_concrete_function(
-      tf.TensorSpec(images.shape, tf.float32)).graph
-  assert "FusedBatchNormV3" in {op.type for op in graph.get_operations()}
+  assert model.get_layer("bn0")._fast_path(images)
   labels = tf.constant(golden["labels"])
   with tf.GradientTape() as tape:
     loss, input_grad, _ = regularizers.loss_and_input_gradient(
