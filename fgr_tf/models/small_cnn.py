@@ -2,6 +2,8 @@
 
 import keras
 
+from fgr_tf import errors
+
 
 def small_cnn(num_classes, input_shape, factory, name="small_cnn"):
   """conv32-BN-ReLU-pool, conv64-BN-ReLU-pool, Dense(128)-ReLU, Dense(classes).
@@ -9,7 +11,7 @@ def small_cnn(num_classes, input_shape, factory, name="small_cnn"):
   About 0.4M parameters at 28x28x1; needs H, W >= 4. Returns logits.
   """
   if min(input_shape[0], input_shape[1]) < 4:
-    raise ValueError("small_cnn needs images of at least 4x4. "
+    raise errors.UserError("small_cnn needs images of at least 4x4. "
                      f"Received: input_shape={input_shape}")
   inputs = keras.Input(input_shape)
   x = inputs
@@ -19,6 +21,6 @@ def small_cnn(num_classes, input_shape, factory, name="small_cnn"):
     x = factory.relu()(x)
     x = factory.max_pool()(x)
   x = keras.layers.Flatten(dtype=factory.dtype)(x)
-  x = factory.dense(128, "fc", activation="relu")(x)
+  x = factory.relu()(factory.dense(128, "fc")(x))
   outputs = factory.dense(num_classes, "dense")(x)
   return keras.Model(inputs, outputs, name=name)
