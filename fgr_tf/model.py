@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from fgr_tf import errors
 from fgr_tf import regularizers
 from fgr_tf import validation
 from fgr_tf import warp
@@ -14,7 +15,7 @@ _PENALTY_LOGS = ("ce", "fgr_penalty", "igr_penalty")
 def _check_non_negative(**values):
   for name, value in values.items():
     if not isinstance(value, (int, float)) or not value >= 0:
-      raise ValueError(f"{name} must be a number >= 0. Received: "
+      raise errors.UserError(f"{name} must be a number >= 0. Received: "
                        f"{name}={value!r}")
 
 
@@ -200,7 +201,7 @@ class FGRModel(keras.Model):
   def train_step(self, data):
     images, labels, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     if sample_weight is not None:
-      raise ValueError("FGRModel does not support sample weights: the FGR "
+      raise errors.UserError("FGRModel does not support sample weights: the FGR "
                        "penalty is defined for the unweighted batch mean.")
     channels, classes = validation.model_shape(self.backbone)
     images = validation.check_images(images, "FGRModel", channels)

@@ -13,6 +13,7 @@ image stops as soon as its label flips.
 
 import tensorflow as tf
 
+from fgr_tf import errors
 from fgr_tf import warp
 from fgr_tf.attacks import common
 
@@ -92,12 +93,12 @@ def adef(model, images, labels, sigma=0.5, max_iter=100, overshoot=1.1,
   """
   images, labels = common.check_inputs(images, labels, "adef", model)
   if not sigma >= 0:
-    raise ValueError(f"sigma must be >= 0 (pixels). Received: sigma={sigma}")
+    raise errors.UserError(f"sigma must be >= 0 (pixels). Received: sigma={sigma}")
   if not overshoot >= 1:
-    raise ValueError(f"overshoot must be >= 1. Received: "
+    raise errors.UserError(f"overshoot must be >= 1. Received: "
                      f"overshoot={overshoot}")
   if int(max_iter) != max_iter or max_iter < 1:
-    raise ValueError(f"max_iter must be an int >= 1. Received: "
+    raise errors.UserError(f"max_iter must be an int >= 1. Received: "
                      f"max_iter={max_iter}")
   key = ("adef", float(sigma), int(max_iter), float(overshoot),
          int(candidates), bool(exact_gradient))

@@ -4,6 +4,7 @@ import math
 
 import tensorflow as tf
 
+from fgr_tf import errors
 from fgr_tf import warp
 from fgr_tf.attacks import common
 
@@ -59,7 +60,7 @@ def worst_of_k(model, images, labels, max_angle=30.0, max_shift=0.1,
                        tf.reshape(sx, [-1])], axis=-1)
   else:
     if int(tries) != tries or tries < 1:
-      raise ValueError(f"tries must be an int >= 1. Received: tries={tries}")
+      raise errors.UserError(f"tries must be an int >= 1. Received: tries={tries}")
     unit = tf.random.stateless_uniform([int(tries), 3], [seed, 1], -1.0, 1.0)
     params = unit * [max_angle, max_shift, max_shift]
   attack = common.compiled(model, ("worst_of_k",), lambda: _build(model))

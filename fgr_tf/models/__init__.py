@@ -1,5 +1,6 @@
 """Backbones: `build(name, num_classes, input_shape)` -> logits keras.Model."""
 
+from fgr_tf import errors
 from fgr_tf.models import layers
 from fgr_tf.models import resnet
 from fgr_tf.models import small_cnn as small_cnn_lib
@@ -28,14 +29,14 @@ def build(name, num_classes, input_shape, *, dtype=None, weight_decay=0.0,
     ValueError: unknown name, bad num_classes or impossible input_shape.
   """
   if name not in NAMES:
-    raise ValueError(f"Unknown model {name!r}. Expected one of {NAMES}.")
+    raise errors.UserError(f"Unknown model {name!r}. Expected one of {NAMES}.")
   if int(num_classes) != num_classes or num_classes < 2:
-    raise ValueError(
+    raise errors.UserError(
         f"num_classes must be an int >= 2. Received: num_classes={num_classes}")
   input_shape = tuple(input_shape)
   if (len(input_shape) != 3 or
       any(int(d) != d or d < 1 for d in input_shape)):
-    raise ValueError("input_shape must be (height, width, channels) of "
+    raise errors.UserError("input_shape must be (height, width, channels) of "
                      f"positive ints. Received: input_shape={input_shape}")
   factory = layers.LayerFactory(dtype, weight_decay, sync_batchnorm)
   num_classes = int(num_classes)

@@ -2,6 +2,8 @@
 
 import keras
 
+from fgr_tf import errors
+
 
 def _basic_block(x, filters, strides, factory, name):
   shortcut = x
@@ -26,7 +28,7 @@ def resnet18(num_classes, input_shape, factory, name="resnet18"):
   CIFAR ResNet).
   """
   if min(input_shape[0], input_shape[1]) < 8:
-    raise ValueError("resnet18 needs images of at least 8x8. "
+    raise errors.UserError("resnet18 needs images of at least 8x8. "
                      f"Received: input_shape={input_shape}")
   inputs = keras.Input(input_shape)
   x = factory.conv(64, "stem_conv", use_bias=False)(inputs)

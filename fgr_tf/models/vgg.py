@@ -2,6 +2,8 @@
 
 import keras
 
+from fgr_tf import errors
+
 CFGS = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512,
@@ -33,7 +35,7 @@ def vgg(cfg, num_classes, input_shape, factory, name="vgg"):
   """
   pools = sum(1 for v in cfg if v == "M")
   if min(input_shape[0], input_shape[1]) < 2 ** pools:
-    raise ValueError(
+    raise errors.UserError(
         f"{name} has {pools} 2x2 max-pools and needs images of at least "
         f"{2 ** pools}x{2 ** pools}. Received: input_shape={input_shape}")
   inputs = keras.Input(input_shape)
