@@ -81,5 +81,8 @@ def get_config():
   config.deterministic = False
   config.strategy = "auto"          # fgr_tf.distribute.STRATEGIES
   config.jit_compile = "auto"       # "auto" = XLA on GPU/TPU only; or bools
+  # TF32 on Ampere+ GPUs while FGR/IGR train: off, or the penalty's
+  # gradients are ~1e-1 wrong (fgr_tf.tensor_float_32).
+  config.allow_tf32 = False
   config.mixed_precision = ""       # "", "mixed_float16", "mixed_bfloat16"
   return config

@@ -12,6 +12,7 @@ from fgr_tf import errors
 from fgr_tf import evaluation
 from fgr_tf import models
 from fgr_tf.model import FGRModel
+from fgr_tf.model import tensor_float_32
 from fgr_tf.regularizers import flow_gradient_penalty
 from fgr_tf.regularizers import input_gradient_penalty
 from fgr_tf.warp import dense_image_warp
@@ -38,4 +39,5 @@ __all__ = [
     "pixel_flow_gradient_to_normalized",
     "pixel_to_normalized_flow",
     "random_deform",
+    "tensor_float_32",
 ]

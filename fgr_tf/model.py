@@ -1,5 +1,8 @@
 """`FGRModel`: a keras.Model whose train_step adds the FGR / IGR penalties."""
 
+import contextlib
+
+from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
@@ -17,6 +20,35 @@ def _check_non_negative(**values):
     if not isinstance(value, (int, float)) or not value >= 0:
       raise errors.UserError(f"{name} must be a number >= 0. Received: "
                        f"{name}={value!r}")
+
+
+@contextlib.contextmanager
+def tensor_float_32(enabled):
+  """Sets TensorFloat-32 for float32 matmuls/convolutions, then restores it.
+
+  Ampere and newer NVIDIA GPUs run float32 convolutions and matmuls in
+  TF32 (10-bit mantissa) by default, in TensorFlow and in PyTorch's cuDNN.
+  FGR differentiates a gradient, and TF32 costs it dearly: on an H200 the
+  PyTorch original's FGR parameter gradients (VGG-11) came out 2.4e-1 off
+  float64 with TF32, 1.3e-5 without. `FGRModel.fit` trains with TF32 off
+  unless built with `allow_tf32=True`; wrap a custom training loop that
+  uses `flow_gradient_penalty` in `tensor_float_32(False)`. No effect on
+  CPUs. (The setting applies to what runs and compiles inside the block.)
+  """
+  previous = tf.config.experimental.tensor_float_32_execution_enabled()
+  tf.config.experimental.enable_tensor_float_32_execution(enabled)
+  try:
+    yield
+  finally:
+    tf.config.experimental.enable_tensor_float_32_execution(previous)
+
+
+def _check_message(error):
+  """The first line of a failed input check ("FGRModel...: ..."), or None."""
+  for line in str(error).splitlines():
+    if "FGRModel" in line and ("must" in line or "contain" in line):
+      return line.strip()
+  return None
 
 
 @keras.saving.register_keras_serializable(package="fgr_tf")
@@ -56,6 +88,11 @@ class FGRModel(keras.Model):
       saved by `get_config`.
     seed: int seed of the random start and of the adversary (stateless, per
       step and replica).
+    allow_tf32: let GPUs run float32 convolutions and matmuls in TF32 while
+      an FGR/IGR model trains (`fit`, `train_on_batch`). Default False:
+      TF32 makes the penalty's gradients ~1e-1 wrong (see
+      `tensor_float_32`); plain training (both lambdas 0) leaves the
+      global setting alone.
 
   Example:
     ```python
@@ -70,7 +107,7 @@ class FGRModel(keras.Model):
   """
 
   def __init__(self, backbone, fgr_lambda=0.0, rs_sigma=0.01, igr_lambda=0.0,
-               adversary=None, seed=0, **kwargs):
+               adversary=None, seed=0, allow_tf32=False, **kwargs):
     super().__init__(**kwargs)
     _check_non_negative(fgr_lambda=fgr_lambda, rs_sigma=rs_sigma,
                         igr_lambda=igr_lambda)
@@ -86,6 +123,7 @@ class FGRModel(keras.Model):
     self.igr_lambda = float(igr_lambda)
     self.adversary = adversary
     self.seed = int(seed)
+    self.allow_tf32 = bool(allow_tf32)
     self.ce_tracker = keras.metrics.Mean(name="ce")
     self.fgr_tracker = (keras.metrics.Mean(name="fgr_penalty")
                         if self.fgr_lambda > 0 else None)
@@ -119,16 +157,53 @@ class FGRModel(keras.Model):
     super().compile(optimizer=optimizer, loss=loss, jit_compile=jit_compile,
                     **kwargs)
 
-  def fit(self, x=None, y=None, *args, **kwargs):
-    """keras.Model.fit; arrays are checked first (`fgr_tf.validation`):
-    images [N, H, W, C] floats in [0, 1], finite; labels [N] ints in
-    [0, classes)."""
+  def _training_context(self):
+    """TF32 off while the penalties train (unless allow_tf32)."""
+    if self.allow_tf32 or not (self.fgr_lambda > 0 or self.igr_lambda > 0):
+      return contextlib.nullcontext()
+    return tensor_float_32(False)
+
+  def _checked(self, x, y, where):
+    """Checks arrays whole; wraps pipelines so each batch is checked before
+    the (possibly XLA-compiled) step."""
+    channels, classes = validation.model_shape(self.backbone)
     if isinstance(x, (np.ndarray, tf.Tensor)):
-      channels, classes = validation.model_shape(self.backbone)
-      validation.check_images(x, "FGRModel.fit", channels)
+      validation.check_images(x, where, channels)
       if y is not None:
-        validation.check_labels(y, "FGRModel.fit", classes, batch=len(x))
-    return super().fit(x, y, *args, **kwargs)
+        validation.check_labels(y, where, classes, batch=len(x))
+      return x
+    x, checked = validation.checked_batches(x, "FGRModel", channels, classes)
+    if not checked and self.jit_compile:
+      logging.warning(
+          "FGRModel: inputs of type %s are not checked under XLA (which "
+          "drops assertion ops): pass arrays, a tf.data.Dataset, a "
+          "keras.utils.PyDataset or a generator.", type(x).__name__)
+    return x
+
+  def _run(self, method, *args, **kwargs):
+    """Runs keras.Model.`method` in the training context; a failed input
+    check surfaces as a one-line UserError."""
+    try:
+      with self._training_context():
+        return method(*args, **kwargs)
+    except tf.errors.InvalidArgumentError as e:
+      message = _check_message(e)
+      if message is None:
+        raise
+      raise errors.UserError(message) from e
+
+  def fit(self, x=None, y=None, *args, **kwargs):
+    """keras.Model.fit, with TF32 off while the penalties train (see
+    `allow_tf32`) and every batch checked before the training step
+    (`fgr_tf.validation`): images [N, H, W, C] floats in [0, 1], finite;
+    labels [N] ints in [0, classes). Arrays are checked whole, first."""
+    x = self._checked(x, y, "FGRModel.fit")
+    return self._run(super().fit, x, y, *args, **kwargs)
+
+  def train_on_batch(self, x, y=None, *args, **kwargs):
+    """keras.Model.train_on_batch, checked and with TF32 as `fit`."""
+    x = self._checked(x, y, "FGRModel.train_on_batch")
+    return self._run(super().train_on_batch, x, y, *args, **kwargs)
 
   def compile_from_config(self, config):
     # keras skips compile_from_config for models that override compile().
@@ -206,7 +281,7 @@ class FGRModel(keras.Model):
     channels, classes = validation.model_shape(self.backbone)
     images = validation.check_images(images, "FGRModel", channels)
     labels = validation.check_labels(labels, "FGRModel", classes)
-    if not self.jit_compile:  # (XLA drops Assert ops)
+    if not self.jit_compile:  # inputs fit could not wrap; XLA drops these
       with tf.control_dependencies(
           validation.graph_assertions(images, labels, classes)):
         images = tf.identity(images)
@@ -271,6 +346,7 @@ class FGRModel(keras.Model):
         "rs_sigma": self.rs_sigma,
         "igr_lambda": self.igr_lambda,
         "seed": self.seed,
+        "allow_tf32": self.allow_tf32,
     })
     return config
 

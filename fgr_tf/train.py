@@ -128,7 +128,8 @@ def build_model(config, input_shape, num_classes, steps_per_epoch):
       sync_batchnorm=config.model.sync_batchnorm)
   model = FGRModel(backbone, fgr_lambda=config.fgr.lam,
                    rs_sigma=config.fgr.rs_sigma, igr_lambda=config.igr.lam,
-                   adversary=make_adversary(config), seed=config.seed)
+                   adversary=make_adversary(config), seed=config.seed,
+                   allow_tf32=config.allow_tf32)
   optimizer = keras.optimizers.SGD(
       learning_rate_schedule(config, steps_per_epoch),
       momentum=config.train.momentum)

@@ -1,11 +1,17 @@
 """Early, clear errors for bad images and labels.
 
-Every public entry point that takes a batch (FGRModel.fit on arrays, the
-attacks, evaluation) checks it here: shapes and dtypes always, values when
-they are concrete (NumPy arrays or eager tensors). Inside a compiled
-training step only `graph_assertions` applies (cheap min/max checks).
+Every public entry point that takes a batch (FGRModel.fit, the attacks,
+evaluation) checks it here: shapes and dtypes always, values when they are
+concrete (NumPy arrays or eager tensors). Batches that arrive while
+training (a tf.data pipeline, a keras.utils.PyDataset, a Python generator)
+are checked by `checked_batches` BEFORE they enter the compiled training
+step: XLA (the GPU default) drops assertion ops, so checks inside the step
+would not run there.
 """
 
+import inspect
+
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -119,17 +125,103 @@ def image_assertions(images, where, hint=""):
   ]
 
 
+def label_assertions(labels, where, num_classes):
+  """Runtime checks: labels in [0, num_classes). Returns the assertion ops."""
+  return [
+      tf.debugging.assert_non_negative(
+          labels, message=f"{where}: labels must be >= 0"),
+      tf.debugging.assert_less(
+          tf.cast(labels, tf.int64), tf.cast(num_classes, tf.int64),
+          message=f"{where}: labels must be < {num_classes} (the number "
+                  "of classes)"),
+  ]
+
+
 def graph_assertions(images, labels, num_classes):
-  """Runtime checks for a compiled training step (datasets): finite images
-  in [0, 1], labels in [0, num_classes). Returns the assertion ops."""
+  """Runtime checks for a compiled training step: finite images in [0, 1],
+  labels in [0, num_classes). Returns the assertion ops (dropped by XLA:
+  see `checked_batches`)."""
   checks = image_assertions(images, "FGRModel")
   if num_classes:
-    checks += [
-        tf.debugging.assert_non_negative(
-            labels, message="FGRModel: labels must be >= 0"),
-        tf.debugging.assert_less(
-            tf.cast(labels, tf.int64), tf.cast(num_classes, tf.int64),
-            message=f"FGRModel: labels must be < {num_classes} (the number "
-                    "of classes)"),
-    ]
+    checks += label_assertions(labels, "FGRModel", num_classes)
   return checks
+
+
+def _split_batch(batch):
+  """(images, labels or None) of a batch: a tensor/array, or a tuple
+  (images, labels[, sample_weight])."""
+  if isinstance(batch, (tuple, list)):
+    return batch[0], (batch[1] if len(batch) > 1 else None)
+  return batch, None
+
+
+def _check_batch(batch, where, channels, classes):
+  images, labels = _split_batch(batch)
+  images = check_images(images, where, channels)
+  if labels is not None:
+    check_labels(labels, where, classes, batch=images.shape[0])
+  return batch
+
+
+class _CheckedPyDataset(keras.utils.PyDataset):
+  """A keras.utils.PyDataset whose batches are checked as they are read."""
+
+  def __init__(self, inner, check):
+    super().__init__(workers=inner.workers,
+                     use_multiprocessing=inner.use_multiprocessing,
+                     max_queue_size=inner.max_queue_size)
+    self._inner = inner
+    self._check = check
+
+  def __len__(self):
+    return len(self._inner)
+
+  @property
+  def num_batches(self):
+    return self._inner.num_batches
+
+  def __getitem__(self, index):
+    return self._check(self._inner[index])
+
+  def on_epoch_begin(self):
+    self._inner.on_epoch_begin()
+
+  def on_epoch_end(self):
+    self._inner.on_epoch_end()
+
+
+def checked_batches(data, where, channels=None, classes=None):
+  """`data` whose every batch is checked before a training step sees it.
+
+  Args:
+    data: a tf.data.Dataset, keras.utils.PyDataset or Python generator of
+      batches `images` or `(images, labels[, sample_weight])`; anything
+      else is returned unchanged (arrays are checked whole by the caller).
+    where: the caller's name, put at the front of error messages.
+    channels, classes: what the model expects (or None).
+
+  Returns:
+    (data, checked): the wrapped data, and whether it could be wrapped.
+    A tf.data pipeline gets assertion ops in a `map` (they run in tf.data,
+    never under XLA; a bad batch raises InvalidArgumentError naming the
+    problem); the others are checked in Python, as `check_images` /
+    `check_labels`.
+  """
+  if isinstance(data, tf.data.Dataset):
+    def check(*components):  # tf.data passes a tuple element's parts
+      images = check_images(components[0], where, channels)
+      checks = image_assertions(images, where)
+      if len(components) > 1 and classes:
+        checks += label_assertions(
+            check_labels(components[1], where, classes), where, classes)
+      with tf.control_dependencies(checks):
+        images = tf.identity(images)
+      return (images,) + components[1:] if len(components) > 1 else images
+
+    return data.map(check), True
+  check = lambda batch: _check_batch(batch, where, channels, classes)
+  if isinstance(data, keras.utils.PyDataset):
+    return _CheckedPyDataset(data, check), True
+  if inspect.isgenerator(data):
+    return (check(batch) for batch in data), True
+  return data, False

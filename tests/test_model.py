@@ -185,3 +185,51 @@ def test_mixed_precision_keeps_the_penalty_in_float32(policy):
   logs = fit_one_step(model, images, labels)
   assert all(np.isfinite(v[0]) for v in logs.values())
   assert logs["fgr_penalty"][0] > 0
+
+
+class _RecordTF32(keras.callbacks.Callback):
+  def __init__(self):
+    super().__init__()
+    self.seen = []
+
+  def on_train_batch_begin(self, batch, logs=None):
+    self.seen.append(
+        tf.config.experimental.tensor_float_32_execution_enabled())
+
+
+@pytest.mark.parametrize("fgr_lambda,allow_tf32,expected", [
+    (10.0, False, False),  # FGR trains with TF32 off
+    (10.0, True, True),    # unless allowed
+    (0.0, False, True),    # plain training leaves the setting alone
+])
+def test_tf32_is_off_while_the_penalty_trains(fgr_lambda, allow_tf32,
+                                              expected, monkeypatch):
+  images, labels = tiny_data()
+  model = fgr_tf.FGRModel(tiny_backbone(), fgr_lambda=fgr_lambda,
+                          allow_tf32=allow_tf32)
+  model.compile(optimizer=keras.optimizers.SGD(0.01))
+  record = _RecordTF32()
+  tf.config.experimental.enable_tensor_float_32_execution(True)
+  try:
+    model.fit(images, labels, batch_size=4, epochs=1, verbose=0,
+              callbacks=[record])
+    during_batch = []
+    with fgr_tf.tensor_float_32(False):
+      during_batch.append(
+          tf.config.experimental.tensor_float_32_execution_enabled())
+    calls = []
+    enable = tf.config.experimental.enable_tensor_float_32_execution
+    monkeypatch.setattr(tf.config.experimental,
+                        "enable_tensor_float_32_execution",
+                        lambda on: calls.append(on) or enable(on))
+    model.train_on_batch(images[:4], labels[:4])
+    monkeypatch.undo()
+    assert calls == ([] if expected else [False, True])
+    assert tf.config.experimental.tensor_float_32_execution_enabled()
+  finally:
+    tf.config.experimental.enable_tensor_float_32_execution(True)
+  assert record.seen == [expected, expected]
+  assert during_batch == [False]
+  # Saved with the model.
+  assert fgr_tf.FGRModel.from_config(model.get_config()).allow_tf32 == (
+      allow_tf32)

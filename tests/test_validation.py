@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import fgr_tf
 from fgr_tf import attacks
+from fgr_tf import errors
 from fgr_tf import evaluation
 from fgr_tf import validation
 from helpers import tiny_backbone, tiny_data
@@ -80,18 +81,37 @@ def test_bad_labels_are_named(entry, case):
 
 
 @pytest.mark.parametrize("images, labels, message", [
-    (GOOD_IMAGES * 255, GOOD_LABELS, r"max > 1; 0-255 pixels\?"),
-    (GOOD_IMAGES, np.array([0, 1, 2, 7]), "labels must be < 3"),
+    (GOOD_IMAGES * 255, GOOD_LABELS, r"\[0, 1\].*divide by 255"),
+    (GOOD_IMAGES, np.array([0, 1, 2, 7]), r"labels must be (< 3|in \[0, 3\))"),
     (_with(lambda x: x.__setitem__((0, 0, 0, 0), np.nan)), GOOD_LABELS,
      "images contain NaN or Inf"),
 ], ids=["0-255", "label 7", "NaN"])
-def test_datasets_are_checked_inside_the_training_step(images, labels,
-                                                      message):
+@pytest.mark.parametrize("kind", ["dataset", "generator", "py_dataset"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_pipelines_are_checked_before_the_training_step(images, labels,
+                                                        message, kind, jit):
+  """Batches of a tf.data pipeline, a generator or a PyDataset are checked
+  before the step, also under XLA (which drops assertion ops)."""
   model = fgr_tf.FGRModel(tiny_backbone(), fgr_lambda=1.0)
-  model.compile(optimizer=keras.optimizers.SGD(0.01))
-  dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(4)
-  with pytest.raises(tf.errors.InvalidArgumentError, match=message):
-    model.fit(dataset, verbose=0)
+  model.compile(optimizer=keras.optimizers.SGD(0.01), jit_compile=jit)
+  if kind == "dataset":
+    data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(2)
+  elif kind == "generator":
+    data = ((images[i:i + 2], labels[i:i + 2]) for i in (0, 2))
+  else:
+    class Batches(keras.utils.PyDataset):
+      def __len__(self):
+        return 2
+
+      def __getitem__(self, i):
+        return images[2 * i:2 * i + 2], labels[2 * i:2 * i + 2]
+
+    data = Batches()
+  with pytest.raises(errors.UserError, match=message):
+    model.fit(data, verbose=0, epochs=1)
+  # Nothing was applied: the bad batch never reached the step.
+  if kind != "generator" and not np.isfinite(images).all():
+    assert np.isfinite(model.backbone.get_weights()[0]).all()
 
 
 def test_good_inputs_pass_and_come_back_as_tensors():
