@@ -143,17 +143,31 @@ class FGRModel(keras.Model):
 
   def compile(self, optimizer="rmsprop", loss=None, jit_compile="auto",
               **kwargs):
-    """keras.Model.compile with two defaults changed.
+    """keras.Model.compile; loss defaults to sparse CE on logits.
 
-    loss defaults to sparse CE on logits (used by evaluate/test_step; the
-    training objective is fixed by this class). jit_compile="auto" means XLA
-    on GPU/TPU only: on CPU, XLA measured ~8x slower for conv nets.
+    The loss is used by evaluate/test_step only: the training objective is
+    fixed by this class. jit_compile="auto" is Keras's rule: XLA on GPUs
+    and TPUs (where it is fast, and exact: tests/test_exactness.py), not on
+    CPU-only machines (XLA measured ~8x slower there for conv nets), not
+    under a multi-replica tf.distribute strategy, not with op determinism.
+
+    Raises:
+      UserError: jit_compile=True under MirroredStrategy-like strategies
+        with several replicas: Keras 3 compiles `strategy.run` inside one
+        XLA function, which cannot reach the other devices' variables
+        (keras-team/keras#19005, tensorflow/tensorflow#53140).
     """
     if loss is None:
       loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    if jit_compile == "auto":
-      jit_compile = bool(tf.config.list_logical_devices("GPU") or
-                         tf.config.list_logical_devices("TPU"))
+    strategy = self._distribute_strategy
+    if (jit_compile is True and strategy is not None and
+        strategy.num_replicas_in_sync > 1 and
+        not isinstance(strategy, tf.distribute.TPUStrategy)):
+      raise errors.UserError(
+          "jit_compile=True does not work with a multi-replica "
+          f"{type(strategy).__name__} in Keras 3 (XLA cannot reach the "
+          "other replicas' variables; keras-team/keras#19005). Use "
+          "jit_compile='auto' or False.")
     super().compile(optimizer=optimizer, loss=loss, jit_compile=jit_compile,
                     **kwargs)
 

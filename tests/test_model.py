@@ -233,3 +233,13 @@ def test_tf32_is_off_while_the_penalty_trains(fgr_lambda, allow_tf32,
   # Saved with the model.
   assert fgr_tf.FGRModel.from_config(model.get_config()).allow_tf32 == (
       allow_tf32)
+
+
+def test_xla_under_a_multi_replica_strategy_is_refused_clearly():
+  strategy = fgr_tf.distribute.get_strategy("mirrored")  # 2 logical CPUs
+  with strategy.scope():
+    model = fgr_tf.FGRModel(tiny_backbone(batch_norm=False), fgr_lambda=1.0)
+    model.compile(optimizer=sgd())  # "auto": Keras turns XLA off here
+    assert model.jit_compile is False
+    with pytest.raises(fgr_tf.errors.UserError, match="keras#19005"):
+      model.compile(optimizer=sgd(), jit_compile=True)
