@@ -47,7 +47,10 @@ def _clip_unit_interval(alpha):
   return tf.where(inside, alpha, tf.clip_by_value(alpha, 0.0, 1.0))
 
 
-def dense_image_warp(image, flow, name=None):
+PADDINGS = ("edge", "zeros")
+
+
+def dense_image_warp(image, flow, padding="edge", name=None):
   """Warps `image` by a dense per-pixel `flow` (bilinear sampling).
 
   Forward values equal tensorflow_addons' `tfa.image.dense_image_warp`:
@@ -58,16 +61,29 @@ def dense_image_warp(image, flow, name=None):
   forward difference (tfa's is zero; SPEC §2). Twice differentiable; works
   in eager mode, in `tf.function` and under XLA.
 
+  With `padding="zeros"` the image is instead extended by zeros, as torch's
+  `grid_sample(..., padding_mode="zeros")` (the original's flow attack):
+  of the four pixels around a query point, those outside the image count as
+  0 in the bilinear sum, so a point half a pixel outside reads half the
+  border value and a point one pixel or more outside reads 0. Its gradient
+  at integer query points is the same forward difference (against 0 past
+  the last row/column, as grid_sample's).
+
   Args:
     image: float tensor [B, H, W, C] (float16/bfloat16/float32/float64),
       H, W >= 2.
     flow: tensor [B, H, W, 2] in PIXELS, channel 0 = dy, channel 1 = dx.
       Cast to the image's dtype.
+    padding: "edge" (tfa's clamp to the border, the default) or "zeros"
+      (grid_sample's default).
     name: optional name scope.
 
   Returns:
     The warped image, [B, H, W, C], same dtype as `image`.
   """
+  if padding not in PADDINGS:
+    raise ValueError(f"padding must be one of {PADDINGS}. "
+                     f"Received: padding={padding!r}")
   with tf.name_scope(name or "dense_image_warp"):
     image = tf.convert_to_tensor(image)
     if not image.dtype.is_floating:
@@ -83,32 +99,79 @@ def dense_image_warp(image, flow, name=None):
     query_y = tf.cast(grid_y, image.dtype)[None] - flow[..., 0]  # [B, H, W]
     query_x = tf.cast(grid_x, image.dtype)[None] - flow[..., 1]
 
-    def floor_and_alpha(query, size):
-      max_floor = tf.cast(size - 2, image.dtype)
-      floor = tf.minimum(tf.maximum(0.0, tf.floor(query)), max_floor)
-      # A NaN/Inf flow must give NaN pixels, not out-of-range gathers.
-      floor = tf.stop_gradient(
-          tf.where(tf.math.is_finite(floor), floor, tf.zeros_like(floor)))
-      alpha = _clip_unit_interval(query - floor)
-      return tf.cast(floor, tf.int32), alpha[..., None]
-
-    floor_y, alpha_y = floor_and_alpha(query_y, height)
-    floor_x, alpha_x = floor_and_alpha(query_x, width)
-
     flat = tf.reshape(image, [batch * height * width, channels])
     base = (tf.range(batch) * height * width)[:, None, None]
 
     def gather(y, x):
       return tf.gather(flat, base + y * width + x)
 
-    top_left = gather(floor_y, floor_x)
-    top_right = gather(floor_y, floor_x + 1)
-    bottom_left = gather(floor_y + 1, floor_x)
-    bottom_right = gather(floor_y + 1, floor_x + 1)
-    # Same operation order as tfa, so forward values agree bit for bit.
-    interp_top = alpha_x * (top_right - top_left) + top_left
-    interp_bottom = alpha_x * (bottom_right - bottom_left) + bottom_left
-    return alpha_y * (interp_bottom - interp_top) + interp_top
+    if padding == "edge":
+      return _bilinear_edge(gather, query_y, query_x, height, width)
+    return _bilinear_zeros(gather, query_y, query_x, height, width)
+
+
+def _finite_floor(query, low, high):
+  """floor(query) clamped to [low, high]; 0 where not finite; no gradient.
+
+  (A NaN/Inf flow must give NaN pixels, not out-of-range gathers.)"""
+  low = tf.cast(low, query.dtype)
+  high = tf.cast(high, query.dtype)
+  floor = tf.minimum(tf.maximum(low, tf.floor(query)), high)
+  return tf.stop_gradient(
+      tf.where(tf.math.is_finite(floor), floor, tf.zeros_like(floor)))
+
+
+def _bilinear_edge(gather, query_y, query_x, height, width):
+  """tfa's sampling: floor clamped to [0, size - 2], alpha to [0, 1]."""
+  def floor_and_alpha(query, size):
+    floor = _finite_floor(query, 0, size - 2)
+    alpha = _clip_unit_interval(query - floor)
+    return tf.cast(floor, tf.int32), alpha[..., None]
+
+  floor_y, alpha_y = floor_and_alpha(query_y, height)
+  floor_x, alpha_x = floor_and_alpha(query_x, width)
+  top_left = gather(floor_y, floor_x)
+  top_right = gather(floor_y, floor_x + 1)
+  bottom_left = gather(floor_y + 1, floor_x)
+  bottom_right = gather(floor_y + 1, floor_x + 1)
+  # Same operation order as tfa, so forward values agree bit for bit.
+  interp_top = alpha_x * (top_right - top_left) + top_left
+  interp_bottom = alpha_x * (bottom_right - bottom_left) + bottom_left
+  return alpha_y * (interp_bottom - interp_top) + interp_top
+
+
+def _bilinear_zeros(gather, query_y, query_x, height, width):
+  """grid_sample's zeros padding: out-of-image corners weigh nothing.
+
+  The floor is clamped to [-2, size] only to keep indices small: beyond
+  that all four corners are outside anyway (value and gradient 0).
+  """
+  def floor_and_alpha(query, size):
+    floor = _finite_floor(query, -2, size)
+    alpha = (query - floor)[..., None]
+    floor = tf.cast(floor, tf.int32)
+    # Corners `floor` and `floor + 1`: in-image masks, clamped indices.
+    masks, indices = [], []
+    for index in (floor, floor + 1):
+      masks.append(tf.logical_and(index >= 0, index < size)[..., None])
+      indices.append(tf.clip_by_value(index, 0, size - 1))
+    return indices, masks, alpha
+
+  (y0, y1), (my0, my1), alpha_y = floor_and_alpha(query_y, height)
+  (x0, x1), (mx0, mx1), alpha_x = floor_and_alpha(query_x, width)
+
+  def corner(y, x, mask_y, mask_x):
+    value = gather(y, x)
+    return tf.where(tf.logical_and(mask_y, mask_x), value,
+                    tf.zeros_like(value))
+
+  top_left = corner(y0, x0, my0, mx0)
+  top_right = corner(y0, x1, my0, mx1)
+  bottom_left = corner(y1, x0, my1, mx0)
+  bottom_right = corner(y1, x1, my1, mx1)
+  interp_top = alpha_x * (top_right - top_left) + top_left
+  interp_bottom = alpha_x * (bottom_right - bottom_left) + bottom_left
+  return alpha_y * (interp_bottom - interp_top) + interp_top
 
 
 def zero_flow_jacobian(images):

@@ -148,3 +148,168 @@ def test_random_deform_is_small_clipped_seeded_and_detached():
   assert 0.005 < diff.mean() < 0.1
   np.testing.assert_array_equal(fgr_tf.random_deform(images, 0.0, seed),
                                 images)
+
+
+def _grid_sample_zeros(image, flow):
+  """float64 NumPy re-statement of torch's grid_sample(bilinear,
+  align_corners=True, padding_mode="zeros") in the pixel-flow convention:
+  out[b, y, x] = sum over the 4 pixels around (y - dy, x - dx) that lie in
+  the image of weight * pixel (out-of-image corners count as 0)."""
+  batch, height, width, channels = image.shape
+  out = np.zeros_like(image, dtype=np.float64)
+  for b in range(batch):
+    for y in range(height):
+      for x in range(width):
+        qy = y - flow[b, y, x, 0]
+        qx = x - flow[b, y, x, 1]
+        y0, x0 = int(np.floor(qy)), int(np.floor(qx))
+        wy, wx = qy - y0, qx - x0
+        for yy, weight_y in ((y0, 1 - wy), (y0 + 1, wy)):
+          for xx, weight_x in ((x0, 1 - wx), (x0 + 1, wx)):
+            if 0 <= yy < height and 0 <= xx < width:
+              out[b, y, x] += weight_y * weight_x * image[b, yy, xx]
+  return out
+
+
+def _random_flow_with_far_points(rng, shape):
+  """Flows in [-3, 3] px plus some points well outside the image."""
+  flow = rng.uniform(-3, 3, size=shape)
+  far = rng.uniform(size=shape[:3]) < 0.2
+  flow[far] = rng.uniform(-40, 40, size=(far.sum(), 2))
+  return flow
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_zeros_padding_matches_grid_sample_restatement(seed):
+  rng = np.random.default_rng(10 + seed)
+  image = rng.uniform(size=(2, 7, 6, 3))
+  flow = _random_flow_with_far_points(rng, (2, 7, 6, 2))
+  # Points exactly on the border and half a pixel outside it.
+  flow[0, 0, 0] = [0.0, 0.0]
+  flow[0, 6, 5] = [-0.5, -0.5]      # samples (6.5, 5.5): a quarter of a pixel
+  flow[0, 3, 0] = [0.0, 1.0]        # samples x = -1: zero
+  flow[1, 0, 2] = [0.5, 0.0]        # samples y = -0.5: half the border row
+  out = fgr_tf.dense_image_warp(image, flow, padding="zeros").numpy()
+  expected = _grid_sample_zeros(image, flow)
+  np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12)
+  np.testing.assert_allclose(out[0, 6, 5], 0.25 * image[0, 6, 5], atol=1e-12)
+  np.testing.assert_array_equal(out[0, 3, 0], 0.0)
+  np.testing.assert_allclose(out[1, 0, 2], 0.5 * image[1, 0, 2], atol=1e-12)
+  far = np.abs(flow).max(-1) > 20
+  assert far.any() and np.all(out[far] == 0.0)
+  # Edge padding differs exactly where a point leaves the image.
+  edge = fgr_tf.dense_image_warp(image, flow).numpy()
+  assert np.abs(edge - out).max() > 0.1
+
+
+def test_zeros_padding_gradients_match_restatement_differences():
+  rng = np.random.default_rng(20)
+  image = rng.uniform(size=(1, 6, 5, 2))
+  flow = _random_flow_with_far_points(rng, (1, 6, 5, 2))
+  cotangent = rng.normal(size=image.shape)
+  with tf.GradientTape() as tape:
+    flow_t, image_t = tf.constant(flow), tf.constant(image)
+    tape.watch([flow_t, image_t])
+    scalar = tf.reduce_sum(
+        fgr_tf.dense_image_warp(image_t, flow_t, padding="zeros") * cotangent)
+  grad_flow, grad_image = tape.gradient(scalar, [flow_t, image_t])
+  eps = 1e-6
+  numeric = np.zeros_like(flow)
+  for index in np.ndindex(flow.shape):
+    plus, minus = flow.copy(), flow.copy()
+    plus[index] += eps
+    minus[index] -= eps
+    numeric[index] = ((_grid_sample_zeros(image, plus) -
+                       _grid_sample_zeros(image, minus)) * cotangent).sum()
+  numeric /= 2 * eps
+  # Random flows are almost surely away from integer query points.
+  np.testing.assert_allclose(grad_flow, numeric, rtol=0, atol=1e-7)
+  # Linear in the image: the image gradient is the transposed warp.
+  basis = np.zeros_like(image)
+  basis[0, 2, 3, 1] = 1.0
+  np.testing.assert_allclose(
+      grad_image[0, 2, 3, 1],
+      (_grid_sample_zeros(basis, flow) * cotangent).sum(), atol=1e-12)
+
+
+def test_zeros_padding_zero_flow_gradient_is_forward_difference():
+  """As grid_sample at integer points: forward difference, against 0 past
+  the last row/column (edge padding uses the backward difference there)."""
+  rng = np.random.default_rng(21)
+  image = rng.uniform(size=(1, 5, 4, 1))
+  cotangent = np.ones_like(image)
+  flow = tf.zeros((1, 5, 4, 2), tf.float64)
+  with tf.GradientTape() as tape:
+    tape.watch(flow)
+    out = fgr_tf.dense_image_warp(image, flow, padding="zeros")
+    scalar = tf.reduce_sum(out * cotangent)
+  np.testing.assert_array_equal(out, image)
+  grad = tape.gradient(scalar, flow).numpy()
+  padded = np.pad(image, [(0, 0), (0, 1), (0, 1), (0, 0)])
+  np.testing.assert_allclose(grad[..., 0], -np.diff(padded, axis=1)[:, :, :-1,
+                                                                   0])
+  np.testing.assert_allclose(grad[..., 1], -np.diff(padded, axis=2)[:, :-1, :,
+                                                                   0])
+
+
+def test_zeros_padding_second_derivatives_match_finite_differences():
+  rng = np.random.default_rng(22)
+  image = tf.constant(rng.uniform(size=(1, 5, 6, 2)))
+  flow = tf.constant(rng.uniform(-2.5, 2.5, size=(1, 5, 6, 2)))
+  cot = tf.constant(rng.normal(size=(1, 5, 6, 2)))
+  probe = tf.constant(rng.normal(size=(1, 5, 6, 2)))
+
+  def first_order(image, flow):
+    with tf.GradientTape() as tape:
+      tape.watch(flow)
+      out = fgr_tf.dense_image_warp(image, flow, padding="zeros")
+      scalar = tf.reduce_sum(out * cot)
+    return tf.reduce_sum(tape.gradient(scalar, flow) * probe)
+
+  with tf.GradientTape() as tape:
+    tape.watch([image, flow])
+    value = first_order(image, flow)
+  grad_image, grad_flow = tape.gradient(value, [image, flow])
+  assert np.abs(grad_flow.numpy()).max() > 0.1
+  eps = 1e-6
+  for wrt, analytic in ((0, grad_image), (1, grad_flow)):
+    direction = tf.constant(rng.normal(size=(1, 5, 6, 2)))
+    plus, minus = [image, flow], [image, flow]
+    plus[wrt] = plus[wrt] + eps * direction
+    minus[wrt] = minus[wrt] - eps * direction
+    numeric = (first_order(*plus) - first_order(*minus)) / (2 * eps)
+    np.testing.assert_allclose(numeric, tf.reduce_sum(analytic * direction),
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_zeros_padding_under_tf_function_and_xla(jit):
+  rng = np.random.default_rng(23)
+  image = rng.uniform(size=(2, 7, 5, 3))
+  flow = _random_flow_with_far_points(rng, (2, 7, 5, 2))
+  expected = _grid_sample_zeros(image, flow)
+
+  @tf.function(jit_compile=jit)
+  def warp_and_grad(image, flow):
+    with tf.GradientTape() as tape:
+      tape.watch(flow)
+      out = fgr_tf.dense_image_warp(image, flow, padding="zeros")
+      total = tf.reduce_sum(out)
+    return out, tape.gradient(total, flow)
+
+  out, grad = warp_and_grad(tf.constant(image, tf.float32),
+                            tf.constant(flow, tf.float32))
+  assert out.dtype == tf.float32
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+  assert np.isfinite(grad.numpy()).all()
+
+
+def test_padding_is_checked_and_edge_is_the_default():
+  rng = np.random.default_rng(24)
+  image = rng.uniform(size=(1, 4, 4, 1))
+  flow = rng.uniform(-3, 3, size=(1, 4, 4, 2))
+  np.testing.assert_array_equal(
+      fgr_tf.dense_image_warp(image, flow),
+      fgr_tf.dense_image_warp(image, flow, padding="edge"))
+  with pytest.raises(ValueError, match="padding must be one of"):
+    fgr_tf.dense_image_warp(image, flow, padding="reflect")
