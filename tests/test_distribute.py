@@ -6,7 +6,8 @@ import pytest
 import tensorflow as tf
 
 import fgr_tf
-from helpers import fit_fgr_on_one_batch, tiny_backbone, tiny_data
+from helpers import assert_fits_close, fit_fgr_on_one_batch, tiny_backbone
+from helpers import tiny_data
 
 
 @pytest.mark.parametrize("batch_norm,sync", [(False, False), (True, True)],
@@ -26,11 +27,13 @@ def test_two_replicas_equal_one_device_with_the_global_batch(batch_norm,
                                              images, labels, initial)
   moved = max(np.abs(a - b).max() for a, b in zip(single, initial))
   assert moved > 1e-3
-  for a, b in zip(mirrored, single):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  for key in ("loss", "ce", "fgr_penalty", "igr_penalty", "accuracy"):
-    np.testing.assert_allclose(mirrored_logs[key], single_logs[key],
-                               rtol=1e-4, err_msg=key)
+  # float32 round-off of 2 FGR steps (helpers.FIT_REDUCTION, FIT_DEPTH).
+  assert_fits_close(mirrored, mirrored_logs, single, single_logs, initial,
+                    batch_norm, ("loss", "ce", "fgr_penalty", "igr_penalty"))
+  # A count of correct argmaxes out of 8: exact, as no top-2 logit margin
+  # (>= 0.014 at both steps) is near their round-off (bound ~1e-4).
+  np.testing.assert_array_equal(mirrored_logs["accuracy"],
+                                single_logs["accuracy"])
 
 
 def test_get_strategy_names():

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import fit_fgr_on_one_batch, tiny_backbone, tiny_data
+from helpers import assert_fits_close, fit_fgr_on_one_batch, tiny_backbone
+from helpers import tiny_data
 
 HERE = pathlib.Path(__file__).parent
 TIMEOUT_S = 180
@@ -69,9 +70,11 @@ def test_two_workers_equal_one_process_with_the_global_batch(tmp_path):
   assert all(int(w["replicas"]) == 2 for w in workers)
   moved = max(np.abs(a - b).max() for a, b in zip(single, initial))
   assert moved > 1e-3
-  for i, expected in enumerate(single):
-    np.testing.assert_array_equal(workers[0][f"w{i}"], workers[1][f"w{i}"])
-    np.testing.assert_allclose(workers[0][f"w{i}"], expected, rtol=1e-4,
-                               atol=1e-5)
-  for key in ("loss", "fgr_penalty"):
-    np.testing.assert_allclose(workers[0][key], logs[key], rtol=1e-4)
+  weights = [workers[0][f"w{i}"] for i in range(len(single))]
+  for i, w in enumerate(weights):  # all-reduced: the same bits
+    np.testing.assert_array_equal(w, workers[1][f"w{i}"])
+  # float32 round-off of 2 FGR steps (helpers.FIT_REDUCTION, FIT_DEPTH);
+  # rtol 1e-4 failed on an AVX2-only EPYC: 1.3e-5 on an element of 3e-2
+  # in a kernel whose largest element moved by 3.
+  assert_fits_close(weights, workers[0], single, logs, initial, True,
+                    ("loss", "fgr_penalty"))
