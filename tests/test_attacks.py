@@ -14,6 +14,7 @@ import fgr_tf
 from fgr_tf import attacks
 from fgr_tf import synthetic
 from fgr_tf.attacks.adef import gaussian_smooth
+from helpers import assert_close_float32, float32_tolerance
 
 # The module (fgr_tf.attacks.flow_pgd is the function).
 flow_pgd_lib = importlib.import_module("fgr_tf.attacks.flow_pgd")
@@ -47,12 +48,22 @@ def correct_test_set(baseline):
   images, labels = synthetic.shapes(128, seed=1)
   predictions = np.argmax(baseline(images, training=False), -1)
   keep = predictions == labels
+  # Measured 0.95-0.98 over 5 trainings (3-6 errors of 128; binomial sd
+  # 0.015): 0.9 is > 3 deviations below.
   assert keep.mean() > 0.9, "the baseline should learn the synthetic data"
   return images[keep][:64], labels[keep][:64]
 
 
+# Adversarial accuracy on the 64 correctly classified images, measured over
+# 5 trainings (seeds 0-2, and 0-1 under ONEDNN_MAX_CPU_ISA=AVX2: another
+# CPU's kernels change the trained model as another seed does): flow_pgd
+# 0.06-0.19 (pooled 0.13), stadv 0-0.08 (0.03), adef 0-0.05 (0.02),
+# worst_of_k 0.25-0.34 (0.29). Each bound is 2.9 (flow_pgd) to 7 standard
+# deviations (the larger of the spread between trainings and the binomial
+# one of 64 images) above the pooled rate, and far below an attack that
+# does nothing (1.0). stAdv's was 0.1: 1.9 deviations, 5/64 was seen.
 @pytest.mark.parametrize("name,max_accuracy", [
-    ("flow_pgd", 0.3), ("stadv", 0.1), ("adef", 0.1), ("worst_of_k", 0.7)])
+    ("flow_pgd", 0.3), ("stadv", 0.2), ("adef", 0.1), ("worst_of_k", 0.7)])
 def test_attack_drives_accuracy_down(baseline, correct_test_set, name,
                                      max_accuracy):
   images, labels = correct_test_set
@@ -67,12 +78,14 @@ def test_attack_drives_accuracy_down(baseline, correct_test_set, name,
       adv_predictions)
   adv = result.adv_images.numpy()
   assert adv.shape == images.shape and adv.min() >= 0 and adv.max() <= 1
-  np.testing.assert_allclose(
+  # float32 round-off: a bilinear warp sums 4 terms; a norm sums 2
+  # squares, then takes a square root.
+  assert_close_float32(
       adv, np.clip(fgr_tf.dense_image_warp(images, result.flow), 0, 1),
-      atol=1e-5)
-  np.testing.assert_allclose(
+      reduction=4)
+  assert_close_float32(
       result.t_norm, np.linalg.norm(result.flow, axis=-1).max(axis=(1, 2)),
-      rtol=1e-6)
+      reduction=2, depth=2)
   assert result.iterations.shape == (len(images),)
 
 
@@ -82,9 +95,11 @@ def test_flow_pgd_stays_in_its_normalized_budget(baseline, correct_test_set):
   result = attacks.flow_pgd(baseline, images, labels, epsilon=eps, steps=5,
                             random_start=True, seed=3)
   flow_xy = fgr_tf.pixel_to_normalized_flow(result.flow, 28, 28).numpy()
-  assert np.abs(flow_xy).max() <= eps + 1e-6
+  # Clipped to float32(eps), then to pixels and back: 3 roundings, no sums.
+  tolerance = float32_tolerance(eps, reduction=1, depth=3)
+  assert np.abs(flow_xy).max() <= eps + tolerance
   # 5 signed steps of eps/5 from a random start in the ball reach its edge.
-  assert np.abs(flow_xy).max() >= eps - 1e-6
+  assert np.abs(flow_xy).max() >= eps - tolerance
   again = attacks.flow_pgd(baseline, images, labels, epsilon=eps, steps=5,
                            random_start=True, seed=3)
   np.testing.assert_array_equal(again.flow, result.flow)
@@ -110,15 +125,17 @@ def test_stadv_targeted(baseline, correct_test_set):
   result = attacks.stadv(baseline, images, labels, steps=50, target=target)
   hit = np.argmax(result.adv_logits, -1) == target
   np.testing.assert_array_equal(result.success, hit)
-  assert hit.mean() >= 0.8
+  assert hit.mean() >= 0.8  # measured 0.97-1.0 over 5 trainings
 
 
 def test_adef_succeeds_almost_always_with_small_deformations(
     baseline, correct_test_set):
   images, labels = correct_test_set
   result = attacks.adef(baseline, images, labels)
+  # No failure in 5 trainings x 64 images; even at the 95% upper bound of
+  # the failure rate (3 / 320), 4 failures of 64 have probability 0.003.
   assert result.success.numpy().mean() >= 0.95
-  assert np.median(result.t_norm) < 3.0  # pixels
+  assert np.median(result.t_norm) < 3.0  # pixels; measured 0.9-1.0
   # Every (correctly classified) image took at least one linearization
   # step, and some needed more than one: the iteration count is counted.
   iterations = result.iterations.numpy()
@@ -135,7 +152,10 @@ def test_worst_of_k_grid_is_stronger_than_few_random_tries(
   # A 30 degree rotation moves a corner (13.5 * sqrt(2) px from the centre)
   # by 2 sin(15 deg) times that; a 10% shift adds 2.8 * sqrt(2) px.
   bound = (2 * np.sin(np.radians(15)) + 0.1 * 28 / 13.5) * 13.5 * np.sqrt(2)
-  assert grid.t_norm.numpy().max() <= bound + 1e-3
+  # float32 round-off of the flow (rotated and shifted coordinates minus
+  # the identity: 2-term sums, 3 deep) and of its norm (2 more).
+  assert grid.t_norm.numpy().max() <= bound + float32_tolerance(
+      bound, reduction=2, depth=5)
   assert grid.t_norm.numpy().max() > 0.5 * bound
   np.testing.assert_array_equal(
       attacks.worst_of_k(baseline, images, labels, tries=3, seed=0).flow,
@@ -160,6 +180,10 @@ def test_fgr_keeps_more_adversarial_accuracy_than_the_baseline(baseline):
   for name, model in (("baseline", baseline), ("fgr", fgr)):
     result = attacks.flow_pgd(model, images, labels, epsilon=0.02, steps=10)
     accuracy[name] = np.mean(np.argmax(result.adv_logits, -1) == labels)
+  # Over 11 trainings (seeds 0-8; 0-1 also under AVX2 kernels) the gain was
+  # 0.22-0.47, mean 0.31, sd 0.08 (mostly the baseline's spread between
+  # trainings, sd 0.07; the binomial sd of 256 images is 0.03): 0.1 is 2.7
+  # deviations below the mean.
   assert accuracy["fgr"] > accuracy["baseline"] + 0.1, accuracy
 
 
@@ -171,13 +195,23 @@ def test_evaluate_reports_json_serializable_results(baseline):
        "flow_pgd@small": dict(epsilon=0.001, steps=5)}, batch_size=16)
   json.dumps(results)
   assert results["num_examples"] == 40
-  clean = np.mean(np.argmax(baseline(images), -1) == labels)
-  np.testing.assert_allclose(results["clean_accuracy"], clean)
+  logits = baseline(images).numpy()
+  clean = np.mean(np.argmax(logits, -1) == labels)
+  # Counts of the same model's argmaxes on the same 40 images (in batches
+  # of 16 there): they may differ only where the top two logits are within
+  # twice small_cnn's float32 round-off (fc sums 7 * 7 * 64 terms; 4
+  # layers) of each other.
+  top2 = np.sort(logits, -1)[:, -2:]
+  near_ties = np.sum(top2[:, 1] - top2[:, 0] <= 2 * float32_tolerance(
+      np.abs(logits).max(), 7 * 7 * 64, depth=4))
+  assert abs(results["clean_accuracy"] - clean) <= near_ties / 40
   strong = results["attacks"]["flow_pgd"]
   weak = results["attacks"]["flow_pgd@small"]
   assert strong["adversarial_accuracy"] < weak["adversarial_accuracy"]
   assert weak["adversarial_accuracy"] <= results["clean_accuracy"]
   assert 0 < strong["success_rate"] <= 1
+  # eps in both normalized components: sqrt(2) * 0.05 * 13.5 px; 1.5 > sqrt(2)
+  # by far more than round-off.
   assert 0 < strong["mean_t_norm"] <= strong["max_t_norm"] <= 0.05 * 13.5 * 1.5
   assert strong["seconds_per_image"] > 0
   dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(16)
@@ -228,16 +262,21 @@ def test_bad_arguments_are_named():
 
 
 def test_gaussian_smoothing_keeps_constants_and_spreads_a_delta():
+  # float32 round-off: the 9-tap kernel (radius 4 sigma) is normalized by
+  # its sum, then applied along each axis (9-term sums): depth 3.
   constant = tf.fill([1, 9, 9, 2], 3.0)
-  np.testing.assert_allclose(gaussian_smooth(constant, 1.0), constant,
-                             rtol=1e-6)
+  assert_close_float32(gaussian_smooth(constant, 1.0), constant,
+                       reduction=9, depth=3)
   delta = np.zeros((1, 15, 15, 1), np.float32)
   delta[0, 7, 7, 0] = 1
   out = gaussian_smooth(tf.constant(delta), 1.0).numpy()[0, :, :, 0]
-  np.testing.assert_allclose(out.sum(), 1.0, rtol=1e-5)
-  np.testing.assert_allclose(out, out.T, atol=1e-7)
-  # exp(-1/2) ratio between the centre and its neighbour, in both axes.
-  np.testing.assert_allclose(out[7, 8] / out[7, 7], np.exp(-0.5), rtol=1e-5)
+  # ... then numpy's float32 sum of the 225 values.
+  assert_close_float32(out.sum(), 1.0, reduction=225, depth=4)
+  assert_close_float32(out, out.T, reduction=9, depth=3)
+  # exp(-1/2) ratio between the centre and its neighbour, in both axes:
+  # exp, normalization, two products, the division: no sums, 5 roundings.
+  assert_close_float32(out[7, 8] / out[7, 7], np.exp(-0.5), reduction=1,
+                       depth=5)
 
 
 def _small_untrained_cnn(seed=0):
@@ -296,6 +335,8 @@ def test_stadv_search_rounds_run_inside_a_tf_function():
   steps = 10
   one_round = attacks.stadv(model, images, labels, steps=steps,
                             search_steps=1)
+  # An untrained model on fixed inputs: no training spread; measured 2 of
+  # 16 and 13 of 16 below (the same under AVX2 kernels).
   assert one_round.success.numpy().mean() < 0.5  # tau = 0.05 mostly fails
 
   @tf.function
@@ -317,4 +358,5 @@ def test_stadv_search_rounds_run_inside_a_tf_function():
   eager = attacks.stadv(model, images, labels, steps=steps, search_steps=3)
   np.testing.assert_array_equal(eager.success, success)
   np.testing.assert_array_equal(eager.iterations, iterations)
-  np.testing.assert_allclose(eager.adv_images, adv_images, atol=1e-6)
+  # The same warp of the same flows, up to float32 round-off (4 terms).
+  assert_close_float32(eager.adv_images, adv_images, reduction=4)
