@@ -7,7 +7,7 @@ gamma and beta, and (2) the FGR-like second-order step: the gradient of
 that loss plus the squared norm of its input gradient, w.r.t. gamma and
 beta. Implementations: "keras_formula" (mean / variance / normalize as
 unfused ops, differentiated by TF: what the unfused path of
-`fgr_tf.models.batch_norm` does), "tf_fused" (TF's `FusedBatchNormV3` with
+`fgr_tf.backbones.batch_norm` does), "tf_fused" (TF's `FusedBatchNormV3` with
 TF's registered gradients, whose second derivative re-derives the backward
 pass with unfused ops; not exact under XLA), "fgr_tf"
 (`train_batch_norm.train_batch_norm`: two-pass statistics, hand-written
@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from bench import timing  # noqa: E402
-from fgr_tf.models import train_batch_norm  # noqa: E402
+from fgr_tf.backbones import train_batch_norm  # noqa: E402
 
 EPSILON = 1e-5
 

@@ -5,7 +5,7 @@
 For each of VGG-11's feature-map shapes at batch 128, times (ms, median of
 --repeats) the forward pass, forward + both gradients, and the FGR-like
 second-order step (the gradient w.r.t. the kernel of the squared input
-gradient of sum(conv(x)^2 * upstream)), for `tf.nn.conv2d` and `fgr_tf.models.gemm_conv.conv3x3_same`,
+gradient of sum(conv(x)^2 * upstream)), for `tf.nn.conv2d` and `fgr_tf.backbones.gemm_conv.conv3x3_same`,
 and prints the largest difference of the second-order kernel gradients.
 `gemm_conv.Conv2D` takes the matmul form up to `GEMM_MAX_PIXELS` pixels.
 """
@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from bench import timing  # noqa: E402
-from fgr_tf.models import gemm_conv  # noqa: E402
+from fgr_tf.backbones import gemm_conv  # noqa: E402
 
 # (height = width, input channels, output channels) of VGG-11 at 32x32.
 SHAPES = ((16, 64, 128), (8, 128, 256), (8, 256, 256), (4, 256, 512),

@@ -34,9 +34,9 @@ import tensorflow as tf
 
 import fgr_tf
 from fgr_tf import exactness
-from fgr_tf.models import batch_norm
-from fgr_tf.models import gemm_conv
-from fgr_tf.models import pooling
+from fgr_tf.backbones import batch_norm
+from fgr_tf.backbones import gemm_conv
+from fgr_tf.backbones import pooling
 
 PATHS = ("graph", "xla", "mirrored", "native_conv", "keras_bn",
          "mask_pool_gradient", "igr", "mixed_bfloat16", "mixed_bfloat16_xla",
@@ -91,7 +91,7 @@ def run_case(name, path, family, weights, batch, seed=0):
     keras.utils.set_random_seed(seed)
     scope = strategy.scope() if strategy else _Null()
     with scope:
-      backbone = fgr_tf.models.build(name, 10, shape, sync_batchnorm=mirrored)
+      backbone = fgr_tf.backbones.build(name, 10, shape, sync_batchnorm=mirrored)
     gradients = exactness.make_path(
         backbone, jit_compile=path.endswith("xla") or path == "igr",
         strategy=strategy)
@@ -137,7 +137,7 @@ def default_cases():
   input families (batch 16), batch 8..128 on graph and XLA, and mixed
   precision on small_cnn and vgg11."""
   cases = []
-  for name in fgr_tf.models.NAMES:
+  for name in fgr_tf.backbones.NAMES:
     for path in PATHS[:7]:
       for family, weights in (("uniform", "fresh"),
                               ("fashion_mnist", "trained")):
@@ -163,7 +163,7 @@ def summary(lines):
     if key not in worst or r["error"] > worst[key]["error"]:
       worst[key] = r
   paths = [p for p in PATHS if any(k[1] == p for k in worst)]
-  names = [n for n in fgr_tf.models.NAMES if any(k[0] == n for k in worst)]
+  names = [n for n in fgr_tf.backbones.NAMES if any(k[0] == n for k in worst)]
   out = ["| backbone | " + " | ".join(paths) + " |",
          "|---|" + "---|" * len(paths)]
   for name in names:

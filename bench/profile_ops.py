@@ -77,7 +77,7 @@ def profile(mode, model_name, batch, size, channels, classes, warmup,
             num_steps, logdir, by_layer=False):
   """Traces `num_steps` steps of `mode`; returns op_times per step."""
   images, labels = steps.synthetic_batch(batch, size, channels, classes)
-  backbone = fgr_tf.models.build(model_name, classes, (size, size, channels))
+  backbone = fgr_tf.backbones.build(model_name, classes, (size, size, channels))
   step = steps.make_step(mode, backbone, images, labels, jit_compile=False)
   for _ in range(warmup):
     step()

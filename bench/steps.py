@@ -130,7 +130,7 @@ def run(model_name, batch, size, channels, classes, warmup, repeats, modes,
   results = {}
   for mode in modes:
     keras.utils.set_random_seed(0)
-    backbone = fgr_tf.models.build(model_name, classes,
+    backbone = fgr_tf.backbones.build(model_name, classes,
                                    (size, size, channels), dtype=dtype)
     if mode.startswith("fit_"):
       seconds = time_fit(mode, backbone, batch, repeats, warmup)

@@ -1,6 +1,9 @@
-"""Thin entry point: see fgr_tf/apps/evaluate.py (also installed as fgr-evaluate)."""
+"""Thin entry point (also installed as fgr-evaluate).
 
-from fgr_tf.apps import evaluate
+See fgr_tf/experiment/apps/evaluate.py.
+"""
+
+from fgr_tf.experiment.apps import evaluate
 
 if __name__ == "__main__":
   evaluate.run()

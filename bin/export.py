@@ -1,6 +1,9 @@
-"""Thin entry point: see fgr_tf/apps/export.py (also installed as fgr-export)."""
+"""Thin entry point (also installed as fgr-export).
 
-from fgr_tf.apps import export
+See fgr_tf/experiment/apps/export.py.
+"""
+
+from fgr_tf.experiment.apps import export
 
 if __name__ == "__main__":
   export.run()

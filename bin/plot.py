@@ -1,6 +1,9 @@
-"""Thin entry point: see fgr_tf/apps/plot.py (also installed as fgr-plot)."""
+"""Thin entry point (also installed as fgr-plot).
 
-from fgr_tf.apps import plot
+See fgr_tf/experiment/apps/plot.py.
+"""
+
+from fgr_tf.experiment.apps import plot
 
 if __name__ == "__main__":
   plot.run()

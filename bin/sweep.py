@@ -1,6 +1,9 @@
-"""Thin entry point: see fgr_tf/apps/sweep.py (also installed as fgr-sweep)."""
+"""Thin entry point (also installed as fgr-sweep).
 
-from fgr_tf.apps import sweep
+See fgr_tf/experiment/apps/sweep.py.
+"""
+
+from fgr_tf.experiment.apps import sweep
 
 if __name__ == "__main__":
   sweep.run()

@@ -1,6 +1,9 @@
-"""Thin entry point: see fgr_tf/apps/train.py (also installed as fgr-train)."""
+"""Thin entry point (also installed as fgr-train).
 
-from fgr_tf.apps import train
+See fgr_tf/experiment/apps/train.py.
+"""
+
+from fgr_tf.experiment.apps import train
 
 if __name__ == "__main__":
   train.run()

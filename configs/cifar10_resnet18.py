@@ -1,9 +1,12 @@
-"""CIFAR-10 ResNet-18 with the original's schedule (for a GPU)."""
+"""CIFAR-10 ResNet-18 with the original's schedule (for a GPU).
 
-from configs import default
+The settings live in the package (importable, no sys.path changes):
+  fgr_tf/experiment/configs/cifar10_resnet18.py
+Override any field on the command line: --config.<field>=<value>.
+"""
+
+from fgr_tf.experiment.configs import cifar10_resnet18
 
 
 def get_config():
-  config = default.get_config()
-  config.model.name = "resnet18"
-  return config
+  return cifar10_resnet18.get_config()

@@ -1,18 +1,12 @@
 """Fashion-MNIST small CNN: the offline data set (Debian dataset-fashion-mnist).
 
-Minutes per epoch on 2 CPU cores. Attack budgets are those of the original
-(epsilon 0.01 normalized = 0.135 px at 28x28) plus larger curves.
+The settings live in the package (importable, no sys.path changes):
+  fgr_tf/experiment/configs/fashion_mnist.py
+Override any field on the command line: --config.<field>=<value>.
 """
 
-from configs import default
+from fgr_tf.experiment.configs import fashion_mnist
 
 
 def get_config():
-  config = default.get_config()
-  config.data.name = "fashion_mnist"
-  config.model.name = "small_cnn"
-  config.train.epochs = 10
-  config.train.lr_decay_epochs = (5, 8)
-  config.fgr.lam = 100.0
-  config.eval.flow_pgd_budgets = (0.02, 0.05)
-  return config
+  return fashion_mnist.get_config()

@@ -1,14 +1,12 @@
 """The quickstart (`make demo`): Fashion-MNIST, 3 epochs, 500 test images.
 
-Run twice, with --config.fgr.lam=0 (baseline) and as is (FGR, lambda 100).
+The settings live in the package (importable, no sys.path changes):
+  fgr_tf/experiment/configs/fashion_mnist_demo.py
+Override any field on the command line: --config.<field>=<value>.
 """
 
-from configs import fashion_mnist
+from fgr_tf.experiment.configs import fashion_mnist_demo
 
 
 def get_config():
-  config = fashion_mnist.get_config()
-  config.train.epochs = 3
-  config.train.lr_decay_epochs = (2,)
-  config.eval.num_examples = 500
-  return config
+  return fashion_mnist_demo.get_config()

@@ -1,20 +1,12 @@
-"""A seconds-long sweep on synthetic data (tests of `fgr-sweep`)."""
+"""A seconds-long sweep on synthetic data (tests of `fgr-sweep`).
 
-import ml_collections
+The settings live in the package (importable, no sys.path changes):
+  fgr_tf/experiment/configs/sweep_smoke.py
+Override any field on the command line: --config.<field>=<value>.
+"""
 
-from configs import smoke
+from fgr_tf.experiment.configs import sweep_smoke
 
 
 def get_config():
-  config = smoke.get_config()
-  config.train.epochs = 1
-  config.adv.steps = 2
-  config.sweep = ml_collections.ConfigDict()
-  # (name, overrides) pairs, in report order.
-  config.sweep.variants = (
-      ("baseline", "fgr.lam=0"),
-      ("fgr10", "fgr.lam=10.0"),
-      ("fgr10_at", "fgr.lam=10.0 adv.attack=flow_pgd"),
-  )
-  config.sweep.only = ""
-  return config
+  return sweep_smoke.get_config()

@@ -24,7 +24,7 @@ different elements, a variance that cancels) adds is much larger.
 
 Supported backbones: functional `keras.Model`s whose only non-smooth layers
 are `keras.layers.ReLU` and non-overlapping max pools (every
-`fgr_tf.models` backbone). Used by tests/test_exactness.py and
+`fgr_tf.backbones` backbone). Used by tests/test_exactness.py and
 `python -m bench.exactness` (the README's table).
 """
 
@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from fgr_tf import errors
 from fgr_tf import regularizers
-from fgr_tf.models import pooling
+from fgr_tf.backbones import pooling
 
 
 def branch_layers(backbone):

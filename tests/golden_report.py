@@ -20,7 +20,7 @@ import tensorflow as tf  # noqa: E402
 
 import fgr_tf  # noqa: E402
 from fgr_tf import regularizers  # noqa: E402
-from fgr_tf.models import batch_norm  # noqa: E402
+from fgr_tf.backbones import batch_norm  # noqa: E402
 from conftest import load_npz  # noqa: E402
 from test_regularizers import (  # noqa: E402
     H, W, build_golden_vgg, golden_key, interior_penalty)

@@ -172,7 +172,7 @@ def tiny_backbone(size=8, channels=2, classes=3, batch_norm=True,
                   sync_batchnorm=False, seed=0, dtype=None):
   """conv-(BN)-relu-pool-dense; small enough for per-test compilation."""
   keras.utils.set_random_seed(seed)
-  factory = fgr_tf.models.layers.LayerFactory(dtype,
+  factory = fgr_tf.backbones.layers.LayerFactory(dtype,
                                               sync_batchnorm=sync_batchnorm)
   inputs = keras.Input((size, size, channels))
   x = factory.conv(4, "conv0")(inputs)

@@ -12,10 +12,10 @@ from fgr_tf import attacks
 from fgr_tf import data
 from fgr_tf import distribute
 from fgr_tf import errors
-from fgr_tf import sweep
-from fgr_tf import train
+from fgr_tf.experiment import sweep
+from fgr_tf.experiment import train
 from fgr_tf import validation
-from configs import smoke
+from fgr_tf.experiment.configs import smoke
 from helpers import ROOT
 
 BIN = pathlib.Path(sys.executable).parent
@@ -44,7 +44,7 @@ def _assert_helpshort_lists(command, flags):
 
 def test_helpshort_lists_the_flags_of_fgr_train_and_bin_train():
   """absl's --helpshort shows the main module's flags; the apps define
-  theirs in fgr_tf.apps.<name>, not in the launcher."""
+  theirs in fgr_tf.experiment.apps.<name>, not in the launcher."""
   _assert_helpshort_lists([str(BIN / "fgr-train")], APP_FLAGS["train"])
   _assert_helpshort_lists([sys.executable, str(ROOT / "bin" / "train.py")],
                           APP_FLAGS["train"])
@@ -56,7 +56,7 @@ def test_helpshort_lists_the_flags_of_every_app(name):
 
 
 def _run_main_raising(error):
-  code = ("from fgr_tf import apps\n"
+  code = ("from fgr_tf.experiment import apps\n"
           + ("from fgr_tf import errors\n" if "errors." in error else "") +
           "def main(argv):\n"
           f"  raise {error}\n"
@@ -99,7 +99,7 @@ def test_the_errors_we_raise_on_purpose_are_user_errors(tmp_path):
   config.adv.attack = "fgsm"
   for call in (lambda: data.load("imagenet", "train"),
                lambda: data.load("synthetic", "test", num_examples=0),
-               lambda: attacks.get("fgsm"),
+               lambda: attacks.make("fgsm"),
                lambda: distribute.get_strategy("gpu9"),
                lambda: validation.check_images(np.zeros((2, 4, 4, 1)) + 9,
                                                "test"),

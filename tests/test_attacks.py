@@ -14,6 +14,7 @@ import fgr_tf
 from fgr_tf import attacks
 from fgr_tf import synthetic
 from fgr_tf.attacks.adef import gaussian_smooth
+from fgr_tf.experiment import reports
 from helpers import assert_close_float32, float32_tolerance
 
 # The module (fgr_tf.attacks.flow_pgd is the function).
@@ -30,7 +31,7 @@ ATTACK_SETTINGS = {
 def train(fgr_lambda, epochs=4, seed=0):
   images, labels = synthetic.shapes(2048, seed=0)
   keras.utils.set_random_seed(seed)
-  backbone = fgr_tf.models.build("small_cnn", 10, (28, 28, 1))
+  backbone = fgr_tf.backbones.build("small_cnn", 10, (28, 28, 1))
   model = fgr_tf.FGRModel(backbone, fgr_lambda=fgr_lambda,
                           rs_sigma=0.01 if fgr_lambda else 0.0)
   model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
@@ -67,7 +68,7 @@ def correct_test_set(baseline):
 def test_attack_drives_accuracy_down(baseline, correct_test_set, name,
                                      max_accuracy):
   images, labels = correct_test_set
-  result = attacks.get(name)(baseline, images, labels,
+  result = attacks.make(name)(baseline, images, labels,
                              **ATTACK_SETTINGS[name])
   adv_predictions = np.argmax(result.adv_logits, -1)
   assert np.mean(adv_predictions == labels) <= max_accuracy
@@ -167,7 +168,7 @@ def test_attacks_never_change_the_model(baseline, correct_test_set):
   before = [v.numpy().copy() for v in baseline.variables]
   assert any("moving" in v.path for v in baseline.variables)
   for name, settings in ATTACK_SETTINGS.items():
-    attacks.get(name)(baseline, images[:8], labels[:8], **settings)
+    attacks.make(name)(baseline, images[:8], labels[:8], **settings)
   for v, old in zip(baseline.variables, before):
     np.testing.assert_array_equal(v.numpy(), old, err_msg=v.path)
 
@@ -192,8 +193,13 @@ def test_evaluate_reports_json_serializable_results(baseline):
   results = fgr_tf.evaluation.evaluate(
       baseline, (images, labels),
       {"flow_pgd": dict(epsilon=0.05, steps=5),
-       "flow_pgd@small": dict(epsilon=0.001, steps=5)}, batch_size=16)
+       "flow_pgd@small": dict(attack="flow_pgd", epsilon=0.001, steps=5)},
+      batch_size=16)
   json.dumps(results)
+  # Each entry records what it is, not just a label.
+  assert results["attacks"]["flow_pgd@small"]["attack"] == "flow_pgd"
+  assert results["attacks"]["flow_pgd@small"]["budget"]["value"] == 0.001
+  assert results["attacks"]["flow_pgd"]["settings"]["steps"] == 5
   assert results["num_examples"] == 40
   logits = baseline(images).numpy()
   clean = np.mean(np.argmax(logits, -1) == labels)
@@ -218,7 +224,7 @@ def test_evaluate_reports_json_serializable_results(baseline):
   again = fgr_tf.evaluation.evaluate(baseline, dataset, ["flow_pgd"],
                                      max_examples=20)
   assert again["num_examples"] == 20
-  table = fgr_tf.evaluation.format_table({"baseline": results})
+  table = reports.format_table({"baseline": results})
   assert "| baseline | flow_pgd@small |" in table
 
 
@@ -227,7 +233,7 @@ def test_robustness_callback_writes_epoch_logs(tmp_path):
   strategy = fgr_tf.distribute.get_strategy("mirrored")
   with strategy.scope():
     model = fgr_tf.FGRModel(
-        fgr_tf.models.build("small_cnn", 10, (16, 16, 1)), fgr_lambda=10.0)
+        fgr_tf.backbones.build("small_cnn", 10, (16, 16, 1)), fgr_lambda=10.0)
     model.compile(optimizer=keras.optimizers.SGD(0.01))
   callback = fgr_tf.callbacks.RobustnessEvaluation(
       images[:16], labels[:16], {"flow_pgd": dict(epsilon=0.05, steps=3)},
@@ -246,9 +252,9 @@ def test_robustness_callback_writes_epoch_logs(tmp_path):
 
 def test_bad_arguments_are_named():
   images, labels = synthetic.shapes(2, size=12, seed=0)
-  model = fgr_tf.models.build("small_cnn", 10, (12, 12, 1))
+  model = fgr_tf.backbones.build("small_cnn", 10, (12, 12, 1))
   with pytest.raises(ValueError, match="Unknown attack 'fgsm'"):
-    attacks.get("fgsm")
+    attacks.make("fgsm")
   with pytest.raises(ValueError, match="float images"):
     attacks.flow_pgd(model, (images * 255).astype(np.uint8), labels)
   with pytest.raises(ValueError, match="integer labels"):
@@ -281,7 +287,7 @@ def test_gaussian_smoothing_keeps_constants_and_spreads_a_delta():
 
 def _small_untrained_cnn(seed=0):
   keras.utils.set_random_seed(seed)
-  return fgr_tf.models.build("small_cnn", 10, (12, 12, 1))
+  return fgr_tf.backbones.build("small_cnn", 10, (12, 12, 1))
 
 
 def test_attacked_models_can_be_freed():

@@ -137,11 +137,12 @@ def test_bad_num_examples_are_named(idx_dir, count):
 
 def test_training_and_evaluation_read_all_examples_for_minus_one(
     idx_dir, tmp_path):
-  import keras  # pylint: disable=g-import-not-at-top
-  from configs import smoke  # pylint: disable=g-import-not-at-top
-  from fgr_tf import evaluation  # pylint: disable=g-import-not-at-top
-  from fgr_tf import models  # pylint: disable=g-import-not-at-top
-  from fgr_tf import train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  import keras
+  from fgr_tf import backbones
+  from fgr_tf.experiment import evaluate
+  from fgr_tf.experiment import train
+  from fgr_tf.experiment.configs import smoke
   config = smoke.get_config()
   config.data.name = "fashion_mnist"
   config.data.source = "idx"
@@ -150,11 +151,11 @@ def test_training_and_evaluation_read_all_examples_for_minus_one(
   (train_x, _), (val_x, _) = train.load_splits(config)
   assert (len(train_x), len(val_x)) == (20, 8)
   keras.utils.set_random_seed(0)
-  models.build("small_cnn", 10, (28, 28, 1)).save(tmp_path / "best.keras")
+  backbones.build("small_cnn", 10, (28, 28, 1)).save(tmp_path / "best.keras")
   config.eval.num_examples = -1
   config.eval.attacks = {"flow_pgd": {"epsilon": 0.01, "steps": 1}}
   config.eval.flow_pgd_budgets = ()
-  results = evaluation.evaluate_workdir(config, str(tmp_path))
+  results = evaluate.evaluate_workdir(config, str(tmp_path))
   assert results["num_examples"] == 8
 
 

@@ -33,11 +33,11 @@ def test_two_seeded_training_runs_give_bitwise_identical_weights(tmp_path):
 def test_attacks_are_reproducible(name):
   images, labels = synthetic.shapes(8, size=12, seed=0)
   keras.utils.set_random_seed(0)
-  model = fgr_tf.models.build("small_cnn", 10, (12, 12, 1))
+  model = fgr_tf.backbones.build("small_cnn", 10, (12, 12, 1))
   settings = {"stadv": dict(steps=5), "adef": dict(max_iter=3),
               "flow_pgd": dict(steps=3, random_start=True, seed=5),
               "worst_of_k": dict(tries=3, seed=5)}[name]
-  first = attacks.get(name)(model, images, labels, **settings)
-  again = attacks.get(name)(model, images, labels, **settings)
+  first = attacks.make(name)(model, images, labels, **settings)
+  again = attacks.make(name)(model, images, labels, **settings)
   np.testing.assert_array_equal(first.adv_images, again.adv_images)
   np.testing.assert_array_equal(first.flow, again.flow)

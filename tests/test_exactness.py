@@ -25,9 +25,9 @@ import tensorflow as tf
 
 import fgr_tf
 from fgr_tf import exactness
-from fgr_tf.models import batch_norm
-from fgr_tf.models import gemm_conv
-from fgr_tf.models import pooling
+from fgr_tf.backbones import batch_norm
+from fgr_tf.backbones import gemm_conv
+from fgr_tf.backbones import pooling
 from conftest import load_npz
 
 TOLERANCE = 1e-4
@@ -51,7 +51,7 @@ def _case(name, path, family, weights, batch, monkeypatch, seed=0):
   keras.utils.set_random_seed(seed)
   with strategy.scope() if strategy else _null():
     # Replicas equal one device only with synchronized BatchNorm (SPEC §2).
-    backbone = fgr_tf.models.build(name, 10, shape,
+    backbone = fgr_tf.backbones.build(name, 10, shape,
                                    sync_batchnorm=strategy is not None)
   gradients = exactness.make_path(backbone, jit_compile=(path == "xla"),
                                  strategy=strategy)

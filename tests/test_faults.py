@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import fgr_tf
-from fgr_tf import callbacks
+from fgr_tf.experiment import checkpoints
 from fgr_tf import files
-from fgr_tf import train
-from configs import smoke
+from fgr_tf.experiment import train
+from fgr_tf.experiment.configs import smoke
 import save_loop
 
 HERE = pathlib.Path(__file__).parent
@@ -57,9 +57,9 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_state(tmp_path):
 
 def test_full_disk_is_reported_and_the_old_file_kept(tmp_path, monkeypatch):
   model = fgr_tf.FGRModel(
-      fgr_tf.models.build("small_cnn", 10, (28, 28, 1)))
+      fgr_tf.backbones.build("small_cnn", 10, (28, 28, 1)))
   path = tmp_path / "best.keras"
-  callbacks.save_atomically(model, path)
+  checkpoints.save_atomically(model, path)
   before = path.read_bytes()
 
   def full_disk(tmp):
@@ -69,7 +69,7 @@ def test_full_disk_is_reported_and_the_old_file_kept(tmp_path, monkeypatch):
 
   monkeypatch.setattr(model, "save", full_disk)
   with pytest.raises(OSError, match="No space left on device"):
-    callbacks.save_atomically(model, path)
+    checkpoints.save_atomically(model, path)
   assert path.read_bytes() == before
   assert os.listdir(tmp_path) == ["best.keras"]  # no temporary left over
   with pytest.raises(OSError, match="No space left"):
@@ -96,7 +96,7 @@ def test_kills_during_checkpoint_writes_leave_whole_files(tmp_path):
     assert any(all(np.array_equal(a, b) for a, b in zip(loaded, e))
                for e in expected), "best.keras is a mix or corrupt"
     model = save_loop.build(2)
-    backup = callbacks.NaNSafeBackupAndRestore(str(tmp_path / "backup"))
+    backup = checkpoints.NaNSafeBackupAndRestore(str(tmp_path / "backup"))
     backup.set_model(model)
     backup.on_train_begin()
     restored = model.get_weights()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fgr_tf.models import gemm_conv
+from fgr_tf.backbones import gemm_conv
 from helpers import UBF16, assert_close_float32
 
 

@@ -199,7 +199,7 @@ def test_jit_compile_auto_is_off_on_cpu():
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_keeps_the_penalty_in_float32(policy):
   images, labels = tiny_data(size=16, channels=3)
-  backbone = fgr_tf.models.build("small_cnn", 3, (16, 16, 3), dtype=policy)
+  backbone = fgr_tf.backbones.build("small_cnn", 3, (16, 16, 3), dtype=policy)
   loss, penalty = fgr_tf.flow_gradient_penalty(backbone, images, labels)
   assert loss.dtype == tf.float32 and penalty.dtype == tf.float32
   assert np.isfinite(penalty.numpy()) and penalty > 0

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 import fgr_tf
 from fgr_tf import regularizers
-from fgr_tf.models import batch_norm
+from fgr_tf.backbones import batch_norm
 from helpers import assert_close_float32
 
 
@@ -21,7 +21,7 @@ from helpers import assert_close_float32
 ])
 def test_build_gives_logits_and_the_original_parameter_counts(name, shape,
                                                               params):
-  model = fgr_tf.models.build(name, 10, shape)
+  model = fgr_tf.backbones.build(name, 10, shape)
   logits = model(np.zeros((2,) + shape, np.float32), training=False)
   assert logits.shape == (2, 10)
   if params is not None:
@@ -33,7 +33,7 @@ def test_build_gives_logits_and_the_original_parameter_counts(name, shape,
 
 
 def test_vgg_layout_matches_the_original():
-  model = fgr_tf.models.build("vgg11", 10, (32, 32, 3))
+  model = fgr_tf.backbones.build("vgg11", 10, (32, 32, 3))
   convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
   assert [c.filters for c in convs] == [64, 128, 256, 256, 512, 512, 512, 512]
   assert all(c.kernel_size == (3, 3) and c.padding == "same" for c in convs)
@@ -56,11 +56,11 @@ def test_vgg_layout_matches_the_original():
 ])
 def test_build_rejects_bad_arguments(kwargs, message):
   with pytest.raises(ValueError, match=message):
-    fgr_tf.models.build(**kwargs)
+    fgr_tf.backbones.build(**kwargs)
 
 
 def test_weight_decay_is_pytorch_coupled_l2():
-  model = fgr_tf.models.build("small_cnn", 10, (8, 8, 1), weight_decay=5e-4)
+  model = fgr_tf.backbones.build("small_cnn", 10, (8, 8, 1), weight_decay=5e-4)
   # One L2 loss per kernel, bias, gamma and beta: all parameters.
   assert len(model.losses) == len(model.trainable_weights)
   total = sum(float(l) for l in model.losses)
@@ -71,7 +71,7 @@ def test_weight_decay_is_pytorch_coupled_l2():
   largest = max(int(np.prod(w.shape)) for w in model.trainable_weights)
   assert_close_float32(total, expected, largest, depth=2)
   with pytest.raises(ValueError, match="weight_decay=-1"):
-    fgr_tf.models.build("small_cnn", 10, (8, 8, 1), weight_decay=-1)
+    fgr_tf.backbones.build("small_cnn", 10, (8, 8, 1), weight_decay=-1)
 
 
 def test_fused_batchnorm_equals_the_unfused_path(monkeypatch):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fgr_tf.models import pooling
+from fgr_tf.backbones import pooling
 
 
 def _derivatives(pool, x, dy, w, jit):

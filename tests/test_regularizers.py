@@ -6,8 +6,8 @@ import tensorflow as tf
 
 import fgr_tf
 from fgr_tf import regularizers
-from fgr_tf.models import layers as layers_lib
-from fgr_tf.models import vgg as vgg_lib
+from fgr_tf.backbones import layers as layers_lib
+from fgr_tf.backbones import vgg as vgg_lib
 from conftest import load_npz
 from helpers import assert_close_float32, no_bn_model
 

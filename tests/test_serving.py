@@ -7,13 +7,13 @@ import tensorflow as tf
 import fgr_tf
 from bench import serving_soak
 from fgr_tf import export
-from fgr_tf.models import layers
+from fgr_tf.backbones import layers
 from helpers import assert_close_float32
 
 
 def test_soak_rejects_every_invalid_request_and_does_not_grow(tmp_path):
   keras.utils.set_random_seed(0)
-  model = fgr_tf.models.build("small_cnn", 10, (28, 28, 1))
+  model = fgr_tf.backbones.build("small_cnn", 10, (28, 28, 1))
   export_dir = export.export_saved_model(model, str(tmp_path / "served"))
   stats = serving_soak.soak(export_dir, requests=400, warmup=100)
   assert stats["wrong"] == []

@@ -7,12 +7,12 @@ import keras
 import pytest
 
 from fgr_tf import files
-from fgr_tf import models
-from fgr_tf import sweep
-from configs import smoke
-from configs import sweep_cifar10
-from configs import sweep_fashion_mnist
-from configs import sweep_smoke
+from fgr_tf import backbones
+from fgr_tf.experiment import sweep
+from fgr_tf.experiment.configs import smoke
+from fgr_tf.experiment.configs import sweep_cifar10
+from fgr_tf.experiment.configs import sweep_fashion_mnist
+from fgr_tf.experiment.configs import sweep_smoke
 from helpers import run_app
 
 
@@ -56,27 +56,32 @@ def test_variants_follow_the_config_order_and_only():
 def test_sweep_end_to_end_then_resumes_without_retraining(tmp_path,
                                                           monkeypatch):
   config = sweep_smoke.get_config()
-  results = sweep.run_sweep(config, str(tmp_path))
-  assert list(results) == ["baseline", "fgr10", "fgr10_at"]
-  for name in results:
-    assert results[name]["train_seconds"] > 0
-    assert (tmp_path / name / "best.keras").exists()
-  assert results["fgr10_at"]["config"]["adv"]["attack"] == "flow_pgd"
+  config.sweep.seeds = (0, 1)
+  runs = sweep.run_sweep(config, str(tmp_path))
+  assert list(runs) == ["baseline", "fgr10", "fgr10_at"]
+  for name, seeds in runs.items():
+    assert [r["config"]["seed"] for r in seeds] == [0, 1]
+    for seed, results in zip((0, 1), seeds):
+      assert results["train_seconds"] > 0
+      assert (tmp_path / name / f"seed{seed}" / "best.keras").exists()
+  assert runs["fgr10_at"][0]["config"]["adv"]["attack"] == "flow_pgd"
   report = (tmp_path / "RESULTS.md").read_text()
-  assert "| fgr10_at | `fgr.lam=10.0 adv.attack=flow_pgd` |" in report
-  assert "flow_pgd@0.05" in report and "adef adv acc" in report
-  for png in ("budget_curves.png", "deformation_norms.png",
-              "lambda_tradeoff.png"):
+  assert "| fgr10_at | 2 | `fgr.lam=10.0 adv.attack=flow_pgd` |" in report
+  assert "2 seeds (mean ± standard deviation over seeds)" in report
+  assert "flow_pgd@0.05" in report and "adef median T-norm (px)" in report
+  assert " ± " in report
+  for png in ("budget_curves.png", "deformation_curves.png",
+              "deformation_norms.png", "clean_vs_robust.png"):
     assert os.path.getsize(tmp_path / png) > 1000, png
   assert json.loads((tmp_path / "sweep.json").read_text()).keys() == {
       "baseline", "fgr10", "fgr10_at"}
 
   def no_training(*args):
-    raise AssertionError("a finished variant was trained again")
+    raise AssertionError("a finished run was trained again")
 
   monkeypatch.setattr(sweep.train, "train_and_evaluate", no_training)
   again = sweep.run_sweep(config, str(tmp_path))
-  assert again == results
+  assert again == runs
 
 
 def test_sweep_app_needs_a_sweep_section(tmp_path):
@@ -107,7 +112,7 @@ def test_a_variant_writes_its_results_once_with_timings(tmp_path,
   def fake_training(config, workdir):
     os.makedirs(workdir, exist_ok=True)
     keras.utils.set_random_seed(0)
-    models.build("small_cnn", 10, (28, 28, 1)).save(
+    backbones.build("small_cnn", 10, (28, 28, 1)).save(
         os.path.join(workdir, "best.keras"))
 
   monkeypatch.setattr(sweep.train, "train_and_evaluate", fake_training)

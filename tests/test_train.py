@@ -1,5 +1,8 @@
 """fgr_tf.train helpers: schedule, adversarial training hook, validation."""
 
+import dataclasses
+import functools
+
 import keras
 import numpy as np
 import pytest
@@ -7,8 +10,8 @@ import tensorflow as tf
 
 import fgr_tf
 from fgr_tf import synthetic
-from fgr_tf import train
-from configs import smoke
+from fgr_tf.experiment import train
+from fgr_tf.experiment.configs import smoke
 from helpers import U32, assert_close_float32, assert_weights_close
 from helpers import copy_of, float32_tolerance
 
@@ -31,7 +34,7 @@ def test_learning_rate_schedule_steps_down_at_the_configured_epochs():
 def _adversarial_setup(n=8):
   images, labels = synthetic.shapes(n, seed=0)
   keras.utils.set_random_seed(0)
-  backbone = fgr_tf.models.build("small_cnn", 10, (28, 28, 1))
+  backbone = fgr_tf.backbones.build("small_cnn", 10, (28, 28, 1))
   return images, labels, backbone
 
 
@@ -65,11 +68,13 @@ def test_stadv_adversary_uses_the_configured_search_steps(monkeypatch):
   calls = []
   stadv = fgr_tf.attacks.stadv
 
+  @functools.wraps(stadv)
   def recording_stadv(*args, **settings):
     calls.append(settings)
     return stadv(*args, **settings)
 
-  monkeypatch.setitem(fgr_tf.attacks.ATTACKS, "stadv", recording_stadv)
+  monkeypatch.setitem(fgr_tf.attacks.REGISTRY, "stadv", dataclasses.replace(
+      fgr_tf.attacks.REGISTRY["stadv"], function=recording_stadv))
   images, labels, backbone = _adversarial_setup(4)
   adversary = train.make_adversary(config)
   tf.function(lambda x, y: adversary(backbone, x, y, tf.constant([0, 1])))(

@@ -32,7 +32,7 @@ def test_configs_load(path, monkeypatch):
   exec(compile(path.read_text(), str(path), "exec"), namespace)  # noqa: S102
   config = namespace["get_config"]()
   assert config.data.name in fgr_tf.data.DATASETS
-  assert config.model.name in fgr_tf.models.NAMES
+  assert config.model.name in fgr_tf.backbones.NAMES
   assert config.fgr.lam >= 0 and config.train.batch_size > 0
 
 
@@ -84,8 +84,10 @@ def test_evaluate_writes_results_and_prints_a_table(smoke_workdir):
   out = smoke_workdir / "plots"
   run_app("plot", f"--results={smoke_workdir / 'results.json'}",
           f"--output_dir={out}")
-  for name in ("lambda_tradeoff.png", "budget_curves.png"):
-    assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  for name in ("lambda_tradeoff.png", "budget_curves.png",
+               "deformation_curves.png", "deformation_norms.png",
+               "gallery.png"):
+    assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
 def test_export_round_trip(smoke_workdir, tmp_path):

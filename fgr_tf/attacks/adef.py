@@ -67,7 +67,7 @@ def _field_to_pixel_flow(field_xy):
 
 
 def adef(model, images, labels, sigma=0.5, max_iter=100, overshoot=1.1,
-         candidates=10, exact_gradient=True):
+         candidates=10, exact_gradient=True, jit_compile="auto"):
   """ADef: the smallest smooth deformation, by iterated linearization.
 
   Args:
@@ -86,6 +86,7 @@ def adef(model, images, labels, sigma=0.5, max_iter=100, overshoot=1.1,
       sampling they misjudge a step's effect up to ~2.5x near edges, so the
       iteration can creep towards the boundary without crossing it
       (measured: 90% vs 98% success on a Fashion-MNIST CNN).
+    jit_compile: compile with XLA; "auto" = on GPU/TPU.
 
   Returns:
     `AttackResult`; `iterations` = iterations each image used; `t_norm` the
@@ -93,18 +94,19 @@ def adef(model, images, labels, sigma=0.5, max_iter=100, overshoot=1.1,
   """
   images, labels = common.check_inputs(images, labels, "adef", model)
   if not sigma >= 0:
-    raise errors.UserError(f"sigma must be >= 0 (pixels). Received: sigma={sigma}")
+    raise errors.UserError(
+        f"sigma must be >= 0 (pixels). Received: sigma={sigma}")
   if not overshoot >= 1:
-    raise errors.UserError(f"overshoot must be >= 1. Received: "
-                     f"overshoot={overshoot}")
+    raise errors.UserError(
+        f"overshoot must be >= 1. Received: overshoot={overshoot}")
   if int(max_iter) != max_iter or max_iter < 1:
-    raise errors.UserError(f"max_iter must be an int >= 1. Received: "
-                     f"max_iter={max_iter}")
+    raise errors.UserError(
+        f"max_iter must be an int >= 1. Received: max_iter={max_iter}")
   key = ("adef", float(sigma), int(max_iter), float(overshoot),
          int(candidates), bool(exact_gradient))
   attack = common.compiled(model, key, lambda: _build(
       model, float(sigma), int(max_iter), float(overshoot), int(candidates),
-      bool(exact_gradient)))
+      bool(exact_gradient)), jit_compile)
   return common.AttackResult(**attack(images, labels))
 
 
@@ -122,8 +124,7 @@ def _build(model, sigma, max_iter, overshoot, num_candidates, exact_gradient):
     iterations = tf.zeros([batch], tf.int32)
 
     def deform(field):
-      return tf.clip_by_value(
-          warp.dense_image_warp(images, _field_to_pixel_flow(field)), 0, 1)
+      return common.deform(images, _field_to_pixel_flow(field))
 
     if not exact_gradient:
       derivatives = tf.concat(image_derivatives(images), axis=-1)
@@ -192,3 +193,6 @@ def _build(model, sigma, max_iter, overshoot, num_candidates, exact_gradient):
                 adv_logits=adv_logits)
 
   return attack
+
+
+INFO = common.AttackInfo(adef, kind="minimal")

@@ -3,7 +3,6 @@
 import tensorflow as tf
 
 from fgr_tf import errors
-from fgr_tf import warp
 from fgr_tf.attacks import common
 
 
@@ -25,7 +24,8 @@ def flow_smoothness(flow, eps=1e-8):
 
 
 def stadv(model, images, labels, tau=0.05, kappa=0.0, steps=200,
-          learning_rate=0.05, search_steps=3, target=None):
+          learning_rate=0.05, search_steps=3, target=None,
+          jit_compile="auto"):
   """stAdv: minimize margin(x_f) + tau * L_flow(f) over a pixel flow f.
 
   The paper optimizes with L-BFGS; this uses Adam with a fixed number of
@@ -48,6 +48,7 @@ def stadv(model, images, labels, tau=0.05, kappa=0.0, steps=200,
       adversarial (1 = a single run with `tau`); the rounds stop early
       when every image is adversarial. Works inside a tf.function.
     target: optional [B] int target classes (targeted attack).
+    jit_compile: compile with XLA; "auto" = on GPU/TPU.
 
   Returns:
     `AttackResult`; `iterations` counts the Adam steps (over all search
@@ -67,7 +68,7 @@ def stadv(model, images, labels, tau=0.05, kappa=0.0, steps=200,
          int(search_steps))
   attack = common.compiled(model, key, lambda: _build(
       model, float(kappa), int(steps), float(learning_rate), targeted,
-      int(search_steps)))
+      int(search_steps)), jit_compile)
   taus = tf.fill([tf.shape(images)[0]], float(tau))
   return common.AttackResult(**attack(images, labels, target, taus))
 
@@ -76,9 +77,6 @@ def _build(model, kappa, steps, learning_rate, targeted, search_steps):
   """The attack, all search rounds in one graph (it also runs inside a
   compiled training step, where a Python `if` on a tensor cannot)."""
   beta1, beta2, adam_eps = 0.9, 0.999, 1e-8
-
-  def deform(images, flow):
-    return tf.clip_by_value(warp.dense_image_warp(images, flow), 0.0, 1.0)
 
   def one_round(images, labels, target, tau):
     target_or_none = target if targeted else None
@@ -94,7 +92,7 @@ def _build(model, kappa, steps, learning_rate, targeted, search_steps):
     def step(s):
       with tf.GradientTape() as tape:
         tape.watch(s["flow"])
-        logits = common.logits_of(model, deform(images, s["flow"]))
+        logits = common.logits_of(model, common.deform(images, s["flow"]))
         smooth = flow_smoothness(s["flow"])
         objective = tf.reduce_sum(
             common.cw_margin(logits, labels, kappa, target_or_none) +
@@ -126,7 +124,7 @@ def _build(model, kappa, steps, learning_rate, targeted, search_steps):
     found = tf.math.is_finite(state["best_smooth"])
     flow = tf.where(found[:, None, None, None], state["best_flow"],
                     state["flow"])
-    adv = deform(images, flow)
+    adv = common.deform(images, flow)
     logits = common.logits_of(model, adv)
     return dict(adv_images=adv, flow=flow,
                 success=common.is_adversarial(logits, labels, target_or_none),
@@ -158,3 +156,6 @@ def _build(model, kappa, steps, learning_rate, targeted, search_steps):
     return best
 
   return attack
+
+
+INFO = common.AttackInfo(stadv, kind="minimal", trains=True)

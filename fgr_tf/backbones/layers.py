@@ -3,9 +3,9 @@
 import keras
 
 from fgr_tf import errors
-from fgr_tf.models import batch_norm
-from fgr_tf.models import gemm_conv
-from fgr_tf.models import pooling
+from fgr_tf.backbones import batch_norm
+from fgr_tf.backbones import gemm_conv
+from fgr_tf.backbones import pooling
 
 # PyTorch's BatchNorm2d: eps 1e-5, running = 0.9 running + 0.1 batch.
 BN_EPSILON = 1e-5

@@ -9,7 +9,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from fgr_tf import apps
+from fgr_tf.experiment import apps
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A sweep config file (with a `sweep` section).",
@@ -25,10 +25,10 @@ def main(argv):
   if "sweep" not in _CONFIG.value:
     raise app.UsageError("The config has no `sweep` section; see "
                          "configs/sweep_fashion_mnist.py.")
-  from fgr_tf import sweep  # pylint: disable=g-import-not-at-top
+  from fgr_tf.experiment import sweep  # pylint: disable=g-import-not-at-top
   results = sweep.run_sweep(_CONFIG.value, _WORKDIR.value)
-  print(sweep.markdown_tables(results,
-                              sweep.variant_overrides(_CONFIG.value)))
+  from fgr_tf.experiment import reports  # pylint: disable=g-import-not-at-top
+  print(reports.sweep_tables(results, sweep.variant_overrides(_CONFIG.value)))
 
 
 def run():

@@ -8,7 +8,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from fgr_tf import apps
+from fgr_tf.experiment import apps
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "The experiment's config file.", lock_config=True)
@@ -21,10 +21,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from fgr_tf import evaluation  # pylint: disable=g-import-not-at-top
-  results = evaluation.evaluate_workdir(_CONFIG.value, _WORKDIR.value,
-                                        _CHECKPOINT.value)
-  print(evaluation.format_table({_WORKDIR.value: results}))
+  from fgr_tf.experiment import evaluate  # pylint: disable=g-import-not-at-top
+  from fgr_tf.experiment import reports  # pylint: disable=g-import-not-at-top
+  results = evaluate.evaluate_workdir(_CONFIG.value, _WORKDIR.value,
+                                      _CHECKPOINT.value)
+  print(reports.format_table({_WORKDIR.value: results}))
 
 
 def run():

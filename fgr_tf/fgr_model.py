@@ -74,7 +74,7 @@ class FGRModel(keras.Model):
 
   Args:
     backbone: keras.Model mapping [B, H, W, C] float images in [0, 1] to
-      [B, classes] logits (e.g. `fgr_tf.models.build(...)`).
+      [B, classes] logits (e.g. `fgr_tf.backbones.build(...)`).
     fgr_lambda: weight of the flow gradient penalty, >= 0 (the original's
       meaning: 300 at batch 128 reproduces the paper's CIFAR-10 result).
     rs_sigma: std of the random-start flow in NORMALIZED units (0.01 =
@@ -96,7 +96,7 @@ class FGRModel(keras.Model):
 
   Example:
     ```python
-    backbone = fgr_tf.models.build("vgg11", 10, (32, 32, 3))
+    backbone = fgr_tf.backbones.build("vgg11", 10, (32, 32, 3))
     model = fgr_tf.FGRModel(backbone, fgr_lambda=300.0, rs_sigma=0.01)
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
                   metrics=["accuracy"])

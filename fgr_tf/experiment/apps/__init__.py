@@ -1,6 +1,7 @@
 """absl entry points behind bin/*.py and the fgr-* console scripts.
 
-Each parses flags, loads a config and calls the library; nothing else.
+Each parses flags, loads a config and calls the experiment layer; nothing
+else.
 """
 
 import os
@@ -10,12 +11,8 @@ from fgr_tf import errors
 
 
 def prepare():
-  """Quiets TF's C++ logs and puts the current directory on sys.path, so
-  config files under ./configs can `from configs import default` when run
-  as console scripts (run them from the repository root)."""
+  """Quiets TF's C++ start-up logs (before TensorFlow is imported)."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  if os.getcwd() not in sys.path:
-    sys.path.insert(0, os.getcwd())
 
 
 # Errors we raise on purpose, whose message says what is wrong and what to
@@ -28,7 +25,8 @@ def adopt_key_flags(main):
   """Makes the flags of `main`'s module key flags of the main program, so
   `--helpshort` (and `--help`) list them: absl shows the flags of the
   module named `sys.argv[0]`, which for the console scripts and bin/*.py is
-  a small launcher, not the fgr_tf.apps module that defines the flags."""
+  a small launcher, not the fgr_tf.experiment.apps module that defines
+  the flags."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   for flag in flags.FLAGS.get_key_flags_for_module(main.__module__):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)

@@ -7,7 +7,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from fgr_tf import apps
+from fgr_tf.experiment import apps
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py).",
@@ -20,7 +20,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from fgr_tf import train  # pylint: disable=g-import-not-at-top
+  from fgr_tf.experiment import train  # pylint: disable=g-import-not-at-top
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

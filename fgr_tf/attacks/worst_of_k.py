@@ -29,13 +29,16 @@ def rigid_flow(height, width, angle_deg, shift_y, shift_x):
 
 
 def worst_of_k(model, images, labels, max_angle=30.0, max_shift=0.1,
-               tries=10, grid=False, seed=0):
-  """Worst of k random (or a grid of) rotations + translations.
+               grid=True, tries=10, seed=0, padding="edge",
+               jit_compile="auto"):
+  """Worst of a grid (or k random) rotations + translations.
 
   No gradients: it shows robustness that does not come from gradient
   masking. Per image the first misclassifying transform is kept, else the
-  one with the highest CE loss. Out-of-image samples take the border value
-  (Engstrom et al. pad with zeros).
+  one with the highest CE loss. The grid (Engstrom et al. 2019: 31 angles
+  x 5 x 5 shifts) is the evaluation default: 10 random tries overstated
+  robust accuracy about tenfold on Fashion-MNIST CNNs (0.40 vs 0.04);
+  random tries are for adversarial training.
 
   Args:
     model: maps [B, H, W, C] images to logits; run with training=False.
@@ -43,9 +46,13 @@ def worst_of_k(model, images, labels, max_angle=30.0, max_shift=0.1,
     labels: [B] int true labels.
     max_angle: rotations in [-max_angle, max_angle] degrees.
     max_shift: translations in [-max_shift, max_shift] * image size.
-    tries: random transforms per image (ignored when grid=True).
-    grid: try the grid of 31 angles x 5 x 5 shifts instead (775 tries).
-    seed: int seed of the random transforms.
+    grid: try the grid of 31 angles x 5 x 5 shifts (775 transforms).
+    tries: with grid=False, random transforms per image.
+    seed: with grid=False, int seed of the random transforms, or a [2]
+      int tensor (a stateless seed, e.g. one per training step).
+    padding: "edge" (border value) or "zeros" (Engstrom et al.) outside the
+      image (`dense_image_warp`).
+    jit_compile: compile with XLA; "auto" = on GPU/TPU.
 
   Returns:
     `AttackResult`; `iterations` = transforms tried until success (all
@@ -60,14 +67,20 @@ def worst_of_k(model, images, labels, max_angle=30.0, max_shift=0.1,
                        tf.reshape(sx, [-1])], axis=-1)
   else:
     if int(tries) != tries or tries < 1:
-      raise errors.UserError(f"tries must be an int >= 1. Received: tries={tries}")
-    unit = tf.random.stateless_uniform([int(tries), 3], [seed, 1], -1.0, 1.0)
+      raise errors.UserError(
+          f"tries must be an int >= 1. Received: tries={tries}")
+    unit = tf.random.stateless_uniform(
+        [int(tries), 3], common.stateless_seed(seed), -1.0, 1.0)
     params = unit * [max_angle, max_shift, max_shift]
-  attack = common.compiled(model, ("worst_of_k",), lambda: _build(model))
+  if padding not in warp.PADDINGS:
+    raise errors.UserError(f"padding must be one of {warp.PADDINGS}. "
+                           f"Received: padding={padding!r}")
+  attack = common.compiled(model, ("worst_of_k", padding),
+                           lambda: _build(model, padding), jit_compile)
   return common.AttackResult(**attack(images, labels, params))
 
 
-def _build(model):
+def _build(model, padding):
   def attack(images, labels, params):
     shape = tf.shape(images)
     batch, height, width = shape[0], shape[1], shape[2]
@@ -81,7 +94,7 @@ def _build(model):
 
     def body(i, best_loss, best_flow, done, used):
       flow = flow_of(params[i])
-      adv = tf.clip_by_value(warp.dense_image_warp(images, flow), 0, 1)
+      adv = common.deform(images, flow, padding)
       logits = common.logits_of(model, adv)
       loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
       fooled = common.is_adversarial(logits, labels)
@@ -97,7 +110,7 @@ def _build(model):
         (tf.constant(0), tf.fill([batch], -1.0),
          tf.zeros(tf.stack([batch, height, width, 2])),
          tf.zeros([batch], tf.bool), tf.zeros([batch], tf.int32)))
-    adv = tf.clip_by_value(warp.dense_image_warp(images, flow), 0, 1)
+    adv = common.deform(images, flow, padding)
     logits = common.logits_of(model, adv)
     return dict(adv_images=adv, flow=flow,
                 success=common.is_adversarial(logits, labels),
@@ -105,3 +118,7 @@ def _build(model):
                 adv_logits=logits)
 
   return attack
+
+
+INFO = common.AttackInfo(worst_of_k, kind="bounded", trains=True,
+                         budget="max_angle", budget_unit="degrees")

@@ -23,8 +23,9 @@ from fgr_tf import data as data_lib
 from fgr_tf import distribute
 from fgr_tf import errors
 from fgr_tf import files
-from fgr_tf import models
-from fgr_tf.model import FGRModel
+from fgr_tf import backbones
+from fgr_tf.experiment import checkpoints
+from fgr_tf.fgr_model import FGRModel
 
 MIXED_PRECISION = ("", "mixed_float16", "mixed_bfloat16")
 
@@ -68,61 +69,39 @@ def learning_rate_schedule(config, steps_per_epoch):
   return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
 
 
-ADVERSARIAL_TRAINING_ATTACKS = ("flow_pgd", "stadv")
-
-
 def make_adversary(config):
   """The adversarial-training callable the config's `adv` section names.
 
-  `adv.attack` is "" (off), "flow_pgd" (L-inf `adv.epsilon` in normalized
-  flow units, `adv.steps` signed steps, optional `adv.random_start`) or
-  "stadv" (`adv.tau`, `adv.steps` Adam steps per round, `adv.search_steps`
-  rounds: each retries the images still correct with tau / 10). The first
-  round(`adv.clean_fraction` * batch) examples of each (per-replica) batch
-  stay clean (Madry-style mixing; 0 = all adversarial).
+  `adv.attack` is "" (off) or the name of an attack that can train
+  (`fgr_tf.attacks.REGISTRY`: flow_pgd, stadv, worst_of_k, random_flow).
+  Its settings are the `adv` fields it takes (flow_pgd: epsilon, steps,
+  random_start; stadv: tau, steps, search_steps; worst_of_k: grid, tries;
+  random_flow: epsilon, tries); the first round(`adv.clean_fraction` *
+  batch) examples of each (per-replica) batch stay clean (Madry-style
+  mixing; 0 = all adversarial).
 
   Returns:
     None, or `adversary(backbone, images, labels, seed) -> images` for
-    `FGRModel(adversary=...)` (seed: the [2] int32 stateless seed of the
-    flow_pgd random start).
+    `FGRModel(adversary=...)`.
   """
   adv = config.adv
   if not adv.attack:
     return None
-  if adv.attack not in ADVERSARIAL_TRAINING_ATTACKS:
+  training = sorted(n for n, i in attacks.REGISTRY.items() if i.trains)
+  if adv.attack not in training:
     raise errors.UserError(f"Unknown adversarial-training attack "
                            f"{adv.attack!r}. Expected '' or one of "
-                           f"{ADVERSARIAL_TRAINING_ATTACKS}.")
-  if not 0.0 <= adv.clean_fraction < 1.0:
-    raise errors.UserError("adv.clean_fraction must be in [0, 1). Received: "
-                           f"adv.clean_fraction={adv.clean_fraction}")
-  if adv.attack == "flow_pgd":
-    settings = dict(epsilon=adv.epsilon, steps=adv.steps,
-                    random_start=adv.random_start)
-  else:
-    settings = dict(tau=adv.tau, steps=adv.steps,
-                    search_steps=adv.search_steps)
-  attack = attacks.get(adv.attack)
-  clean_fraction = float(adv.clean_fraction)
-
-  def adversary(backbone, images, labels, seed=(0, 0)):
-    seeded = dict(settings, seed=seed) if "random_start" in settings else (
-        settings)
-    adv_images = attack(backbone, images, labels, **seeded).adv_images
-    if not clean_fraction:
-      return adv_images
-    batch = tf.shape(images)[0]
-    num_clean = tf.cast(tf.round(clean_fraction * tf.cast(batch, tf.float32)),
-                        tf.int32)
-    keep_clean = tf.range(batch) < num_clean
-    return tf.where(keep_clean[:, None, None, None], images, adv_images)
-
-  return adversary
+                           f"{training}.")
+  known = attacks.defaults(adv.attack)
+  settings = {k: v for k, v in adv.items()
+              if k in known and k not in ("seed", "jit_compile")}
+  return attacks.adversary(attacks.make(adv.attack, **settings),
+                           adv.clean_fraction)
 
 
 def build_model(config, input_shape, num_classes, steps_per_epoch):
   """Backbone + FGRModel, compiled (call inside the strategy's scope)."""
-  backbone = models.build(
+  backbone = backbones.build(
       config.model.name, num_classes, input_shape,
       weight_decay=config.model.weight_decay,
       sync_batchnorm=config.model.sync_batchnorm)
@@ -181,23 +160,24 @@ def train_and_evaluate(config, workdir):
     model = build_model(config, train_x.shape[1:], num_classes,
                         steps_per_epoch)
 
-  stop_on_nan = callbacks_lib.StopOnNaN()
+  stop_on_nan = checkpoints.StopOnNaN()
   callbacks = [
       stop_on_nan,
       # Kept after the last epoch: re-running a finished workdir is a no-op.
-      callbacks_lib.NaNSafeBackupAndRestore(os.path.join(workdir, "backup"),
+      checkpoints.NaNSafeBackupAndRestore(os.path.join(workdir, "backup"),
                                             double_checkpoint=True,
                                             delete_checkpoint=False),
   ]
-  if config.eval.every_n_epochs > 0:
-    n = config.eval.callback_examples
+  periodic = config.eval.callback
+  if periodic.every_n_epochs > 0:
+    n = periodic.num_examples
     callbacks.append(callbacks_lib.RobustnessEvaluation(
         data_lib.to_unit_float(val_x[:n]).numpy(), val_y[:n],
-        {"flow_pgd": {"epsilon": config.eval.attacks.flow_pgd.epsilon,
-                      "steps": config.eval.callback_steps}},
-        every_n_epochs=config.eval.every_n_epochs))
+        {name: dict(settings) for name, settings in periodic.attacks.items()},
+        every_n_epochs=periodic.every_n_epochs,
+        budgets_px=tuple(periodic.budgets_px)))
   callbacks += [
-      callbacks_lib.AtomicBestCheckpoint(os.path.join(workdir, "best.keras"),
+      checkpoints.AtomicBestCheckpoint(os.path.join(workdir, "best.keras"),
                                          monitor="val_accuracy"),
       keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"),
                                 append=True),
@@ -213,7 +193,7 @@ def train_and_evaluate(config, workdir):
         f"last good state is kept in {workdir} (backup/ resumes from the "
         "last finished epoch; best.keras). Lower train.learning_rate or "
         "fgr.lam / igr.lam, or use mixed_precision=''.")
-  callbacks_lib.save_atomically(model, os.path.join(workdir, "final.keras"))
+  checkpoints.save_atomically(model, os.path.join(workdir, "final.keras"))
   files.write_json({"epochs_this_run": len(history.epoch),
                     "last_epoch": (history.epoch[-1] + 1) if history.epoch
                                   else None},

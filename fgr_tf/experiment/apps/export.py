@@ -8,7 +8,7 @@ import os
 from absl import app
 from absl import flags
 
-from fgr_tf import apps
+from fgr_tf.experiment import apps
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.")
 _CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "final"],

@@ -22,7 +22,7 @@ statistics take the unfused path below.
 import keras
 import tensorflow as tf
 
-from fgr_tf.models import train_batch_norm
+from fgr_tf.backbones import train_batch_norm
 
 
 @keras.saving.register_keras_serializable(package="fgr_tf")
