@@ -14,7 +14,7 @@ from bench import reference_attacks as ref
 def small_cnn():
   import keras  # pylint: disable=g-import-not-at-top
   keras.utils.set_random_seed(0)
-  backbone = fgr_tf.models.build("small_cnn", 10, (28, 28, 1))
+  backbone = fgr_tf.backbones.build("small_cnn", 10, (28, 28, 1))
   rng = np.random.default_rng(0)
   for name in ("bn0", "bn1"):  # non-trivial inference statistics
     layer = backbone.get_layer(name)
