@@ -49,7 +49,7 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# Layers of fgr_tf.models.small_cnn, in order, with their weights.
+# Layers of fgr_tf.backbones.small_cnn, in order, with their weights.
 SMALL_CNN_WEIGHTS = {
     "conv0": ("kernel", "bias"),
     "bn0": ("gamma", "beta", "moving_mean", "moving_variance"),

@@ -29,7 +29,7 @@ class TrainingDiverged(RuntimeError):
   """The loss became NaN or Inf; the workdir keeps the last good state.
 
   Not a bug: the tools print it on one line, like a `UserError`.
-  (`fgr_tf.train.TrainingDiverged` is this class.)
+  (`fgr_tf.experiment.train.TrainingDiverged` is this class.)
   """
 
 

@@ -52,13 +52,14 @@ def branch_layers(backbone):
     if isinstance(layer, keras.layers.ReLU):
       if (layer.max_value is not None or layer.negative_slope or
           layer.threshold):
-        raise errors.UserError(f"{layer.name}: only plain ReLU can be replayed.")
+        raise errors.UserError(
+            f"{layer.name}: only plain ReLU can be replayed.")
       found.append((layer, "relu"))
     elif isinstance(layer, keras.layers.MaxPooling2D):
       if not pooling.applies((None, 2, 2, 1), layer.pool_size, layer.strides,
                              layer.padding, layer.data_format):
-        raise errors.UserError(f"{layer.name}: only non-overlapping 'valid' max "
-                         "pooling can be replayed.")
+        raise errors.UserError(f"{layer.name}: only non-overlapping 'valid' "
+                               "max pooling can be replayed.")
       found.append((layer, "max_pool"))
     else:
       activation = getattr(layer, "activation", None)
@@ -207,7 +208,7 @@ class _Replay(keras.layers.Layer):
       return x * tf.constant(self.decision, x.dtype)
     if self.decision is None:
       return tf.nn.max_pool2d(x, self.pool_size, self.pool_size, "VALID")
-    windows = pooling._windows(x, self.pool_size)  # pylint: disable=protected-access
+    windows = pooling.windows(x, self.pool_size)
     return tf.reduce_sum(windows * tf.constant(self.decision, x.dtype),
                          axis=[2, 4])
 
@@ -246,8 +247,8 @@ def branch_decisions(backbone, branch_inputs):
     else:
       size = tuple(layer.pool_size)
       pooled = tf.nn.max_pool2d(x, size, size, "VALID")
-      decisions[layer.name] = pooling._first_max_mask(  # pylint: disable=protected-access
-          pooling._windows(x, size), pooled).numpy()  # pylint: disable=protected-access
+      decisions[layer.name] = pooling.first_max_mask(
+          pooling.windows(x, size), pooled).numpy()
   return decisions
 
 
@@ -265,7 +266,8 @@ def reference_gradients(twin, images, labels, fgr_lambda=300.0,
   step = tf.function(_gradient_fn(_probe_twin(twin)))  # traced anew:
   grads, extras = step(tf.cast(images, tf.float64),     # the decisions
                        tf.cast(labels, tf.int32),       # are constants
-                       int(images.shape[0]), tf.constant(fgr_lambda, tf.float64),
+                       int(images.shape[0]),
+                       tf.constant(fgr_lambda, tf.float64),
                        tf.constant(igr_lambda, tf.float64))
   return ([g.numpy() for g in grads], [e.numpy() for e in extras])
 

@@ -83,7 +83,7 @@ class FGRModel(keras.Model):
     igr_lambda: weight of the input gradient penalty (IGR baseline), >= 0.
     adversary: optional callable `(backbone, images, labels, seed) ->
       images` producing the training inputs (adversarial training; e.g.
-      `fgr_tf.train.make_adversary(config)`); `seed` is a [2] int32 tensor,
+      `fgr_tf.attacks.adversary(attack)`); `seed` is a [2] int32 tensor,
       different at every step and replica, for stateless random ops. Not
       saved by `get_config`.
     seed: int seed of the random start and of the adversary (stateless, per
@@ -290,8 +290,9 @@ class FGRModel(keras.Model):
   def train_step(self, data):
     images, labels, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     if sample_weight is not None:
-      raise errors.UserError("FGRModel does not support sample weights: the FGR "
-                       "penalty is defined for the unweighted batch mean.")
+      raise errors.UserError("FGRModel does not support sample weights: the "
+                             "FGR penalty is defined for the unweighted batch "
+                             "mean.")
     channels, classes = validation.model_shape(self.backbone)
     images = validation.check_images(images, "FGRModel", channels)
     labels = validation.check_labels(labels, "FGRModel", classes)

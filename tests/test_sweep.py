@@ -1,4 +1,4 @@
-"""fgr_tf.sweep: overrides, variant selection, an end-to-end resumable sweep."""
+"""fgr_tf.experiment.sweep: overrides, variants, seeds, resumable runs."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""fgr_tf.train helpers: schedule, adversarial training hook, validation."""
+"""fgr_tf.experiment.train: schedule, adversarial training hook, validation."""
 
 import dataclasses
 import functools

@@ -24,7 +24,7 @@ import keras
 import tensorflow as tf
 
 
-def _first_max_mask(windows, pooled):
+def first_max_mask(windows, pooled):
   """0/1 mask [B, Ho, ph, Wo, pw, C] of the first maximum of each window.
 
   Args:
@@ -54,7 +54,7 @@ def _first_max_mask(windows, pooled):
   return tf.stack(rows, axis=2)
 
 
-def _windows(x, size):
+def windows(x, size):
   """[B, H, W, C] -> [B, H // ph, ph, W // pw, pw, C] (rows/columns that
   do not fill a window are dropped, as "valid" pooling does)."""
   ph, pw = size
@@ -65,7 +65,7 @@ def _windows(x, size):
 
 def _pool_sum(values, mask):
   """sum over each window of values * mask: [B, H, W, C] -> [B, Ho, Wo, C]."""
-  return tf.reduce_sum(_windows(values, (mask.shape[2], mask.shape[4])) * mask,
+  return tf.reduce_sum(windows(values, (mask.shape[2], mask.shape[4])) * mask,
                        axis=[2, 4])
 
 
@@ -112,7 +112,7 @@ def max_pool(x, size=(2, 2)):
     y = tf.nn.max_pool2d(x, size, size, "VALID")
 
     def mask():
-      return tf.stop_gradient(_first_max_mask(_windows(x, size), y))
+      return tf.stop_gradient(first_max_mask(windows(x, size), y))
 
     @tf.custom_gradient
     def first_derivative(dy):

@@ -37,7 +37,8 @@ Third derivatives are not provided (nothing in fgr_tf needs them).
 """
 
 import tensorflow as tf
-from tensorflow.python.ops import control_flow_util  # pylint: disable=g-direct-tensorflow-import
+# pylint: disable-next=g-direct-tensorflow-import
+from tensorflow.python.ops import control_flow_util
 
 _AXES = (0, 1, 2)
 

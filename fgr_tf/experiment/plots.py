@@ -9,11 +9,13 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.colors  # noqa: E402  pylint: disable=g-import-not-at-top
-import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
-import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import matplotlib.colors  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
-from fgr_tf import errors  # noqa: E402  pylint: disable=g-import-not-at-top
+from fgr_tf import errors  # noqa: E402
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 
 def _entries(results, attack=None, kind=None):

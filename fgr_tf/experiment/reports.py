@@ -75,7 +75,8 @@ def sweep_tables(runs, overrides):
              _mean_std([r["clean_accuracy"] for r in seeds])]
     cells += [_mean_std([r["attacks"][a]["adversarial_accuracy"]
                          for r in seeds]) for a in bounded_labels]
-    cells.append(f"{np.mean([r.get('train_seconds', 0) for r in seeds]) / 60:.1f}")
+    minutes = np.mean([r.get("train_seconds", 0) for r in seeds]) / 60
+    cells.append(f"{minutes:.1f}")
     lines.append("| " + " | ".join(cells) + " |")
   if minimal_labels:
     budgets = list(first["attacks"][minimal_labels[0]].get(

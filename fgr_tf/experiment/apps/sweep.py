@@ -1,7 +1,7 @@
 """fgr-sweep --config=configs/sweep_fashion_mnist.py --workdir=runs/sweep
 
 Trains and evaluates every variant of the config's `sweep` section (see
-`fgr_tf.sweep`); rerun with the same --workdir to resume. Writes
+`fgr_tf.experiment.sweep`); rerun with the same --workdir to resume. Writes
 WORKDIR/RESULTS.md and the plots, and prints the tables.
 """
 
