@@ -278,21 +278,24 @@ def _probe_twin(twin):
 
 
 def relative_errors(gradients, reference, names):
-  """{name: max |g - ref| / max |ref|} per tensor.
+  """({name: max |g - ref| / max |ref|}, {name: max |g| / G}) per tensor.
 
-  A tensor whose reference is zero up to rounding (e.g. the bias of a
-  convolution followed by BatchNorm, whose gradient is exactly zero in
-  exact arithmetic: max |ref| < 1e-6 of the largest gradient entry of the
-  model) is scaled by the model's largest gradient entry instead.
+  The second dict holds the tensors whose gradient is ZERO in exact
+  arithmetic (max |ref| < 1e-6 G, G = the model's largest gradient entry):
+  the bias of a convolution that BatchNorm follows (BatchNorm removes any
+  constant). A relative error means nothing there; what float32 computes
+  is the round-off of a sum of upstream gradients that cancels, reported
+  against G (it moves no prediction: BatchNorm removes the bias).
   """
   overall = max(float(np.max(np.abs(r))) for r in reference)
-  errors = {}
+  errors, zeros = {}, {}
   for name, g, r in zip(names, gradients, reference):
     scale = float(np.max(np.abs(r)))
     if scale < 1e-6 * overall:
-      scale = overall
-    errors[name] = float(np.max(np.abs(g - r))) / scale
-  return errors
+      zeros[name] = float(np.max(np.abs(g - r))) / overall
+    else:
+      errors[name] = float(np.max(np.abs(g - r))) / scale
+  return errors, zeros
 
 
 def compare(backbone, gradients, images, labels, fgr_lambda=300.0,
@@ -309,7 +312,9 @@ def compare(backbone, gradients, images, labels, fgr_lambda=300.0,
   Returns:
     dict with "error" (worst relative error against the float64 run on the
     float32 run's branches: the implementation's error), "tensor" (where),
-    "errors" (per tensor, on the same branches), and with `own_branches`:
+    "errors" (per tensor, on the same branches), "zero_error" (the worst
+    of the tensors whose exact gradient is zero, against the model's
+    largest gradient entry; see `relative_errors`), and with `own_branches`:
     "raw_error" (against float64's own branches) and "flips" (ReLU units
     and pool windows that took a different branch in float32).
   """
@@ -321,9 +326,10 @@ def compare(backbone, gradients, images, labels, fgr_lambda=300.0,
   decisions32 = branch_decisions(backbone, extras)
   same, _ = reference_gradients(twin, images, labels, fgr_lambda, igr_lambda,
                                 decisions32)
-  errors = relative_errors(grads, same, names)
+  errors, zeros = relative_errors(grads, same, names)
   worst = max(errors, key=errors.get)
-  result = {"error": errors[worst], "tensor": worst, "errors": errors}
+  result = {"error": errors[worst], "tensor": worst, "errors": errors,
+            "zero_error": max(zeros.values(), default=0.0)}
   if own_branches:
     own, own_extras = reference_gradients(twin, images, labels, fgr_lambda,
                                           igr_lambda)
@@ -332,7 +338,7 @@ def compare(backbone, gradients, images, labels, fgr_lambda=300.0,
     for layer, kind in branch_layers(backbone):
       changed = int(np.sum(decisions32[layer.name] != decisions64[layer.name]))
       flips += changed if kind == "relu" else changed // 2  # 2 per window
-    result["raw_error"] = max(relative_errors(grads, own, names).values())
+    result["raw_error"] = max(relative_errors(grads, own, names)[0].values())
     result["flips"] = flips
   return result
 
