@@ -17,8 +17,10 @@ from fgr_tf.attacks.adef import gaussian_smooth
 from fgr_tf.experiment import reports
 from helpers import assert_close_float32, float32_tolerance
 
-# The module (fgr_tf.attacks.flow_pgd is the function).
+# The modules (fgr_tf.attacks.flow_pgd etc. are the functions).
+adef_lib = importlib.import_module("fgr_tf.attacks.adef")
 flow_pgd_lib = importlib.import_module("fgr_tf.attacks.flow_pgd")
+worst_of_k_lib = importlib.import_module("fgr_tf.attacks.worst_of_k")
 
 ATTACK_SETTINGS = {
     "flow_pgd": dict(epsilon=0.05, steps=10),
@@ -361,8 +363,136 @@ def test_stadv_search_rounds_run_inside_a_tf_function():
   np.testing.assert_array_equal(iterations[first],
                                 one_round.iterations.numpy()[first])
   assert (iterations[~first] >= steps).all()
+  # Called eagerly, the later rounds run the retried images only (active
+  # sets); inside a tf.function, the whole batch: the same up to round-off
+  # that Adam amplifies (`_assert_same_outcome`).
   eager = attacks.stadv(model, images, labels, steps=steps, search_steps=3)
   np.testing.assert_array_equal(eager.success, success)
-  np.testing.assert_array_equal(eager.iterations, iterations)
-  # The same warp of the same flows, up to float32 round-off (4 terms).
-  assert_close_float32(eager.adv_images, adv_images, reduction=4)
+  np.testing.assert_array_equal(eager.iterations // steps,
+                                iterations // steps)
+  np.testing.assert_array_equal(eager.iterations.numpy()[first],
+                                iterations[first])
+  # The same warp of the same round-1 flows, up to float32 round-off (4
+  # terms).
+  assert_close_float32(eager.adv_images.numpy()[first], adv_images[first],
+                       reduction=4)
+
+
+# Active sets (fgr_tf.attacks.common.ACTIVE_SETS): ADef's iterations,
+# worst-of-k's transforms and stAdv's later search rounds run on the images
+# still unfinished only. Every op is per image, so each image's outcome
+# (success, iterations) is the fixed-batch one, and its flow too up to
+# float32 round-off (a smaller batch may be blocked differently by the
+# kernels; measured: bitwise equal, natively and under AVX2 kernels).
+ACTIVE_SET_SETTINGS = {
+    "adef": dict(max_iter=20),
+    # Random tries: the grid's code path with fewer transforms.
+    "worst_of_k": dict(grid=False, tries=60, seed=1),
+    "stadv": dict(steps=10, search_steps=3),
+}
+
+
+def _fixed_and_active(monkeypatch, model, images, labels, name, settings):
+  results = {}
+  for active in (False, True):
+    monkeypatch.setattr(attacks.common, "ACTIVE_SETS", active)
+    results[active] = attacks.make(name)(model, images, labels, **settings)
+  return results[False], results[True]
+
+
+def _assert_same_outcome(fixed, active, images, adam_steps=None):
+  """Same success and iterations per image; flows, T-norms and images equal
+  up to float32 round-off.
+
+  `adam_steps` (stAdv, its steps per round): TF's CPU matmul rounds
+  differently for another batch size (measured: small_cnn's logits are
+  bitwise equal for a sub-batch, their input gradients 1e-8 off), and
+  Adam's step is +-lr wherever a gradient is round-off noise, so a retried
+  image's flow may differ by up to lr per step in some pixels, and it may
+  first fool the model a step earlier or later. There, the same success,
+  the same round and T-norms within 5% are checked; the images of round 1
+  (the whole batch on both paths) must agree to round-off.
+  """
+  np.testing.assert_array_equal(active.success, fixed.success)
+  if adam_steps is None:
+    np.testing.assert_array_equal(active.iterations, fixed.iterations)
+    first_round = np.ones(len(images), bool)
+  else:
+    np.testing.assert_array_equal(active.iterations.numpy() // adam_steps,
+                                  fixed.iterations.numpy() // adam_steps)
+    first_round = fixed.iterations.numpy() < adam_steps
+    np.testing.assert_array_equal(active.iterations.numpy()[first_round],
+                                  fixed.iterations.numpy()[first_round])
+  # Round-off bound: small_cnn's longest sum (the fc layer, 7 * 7 * 64
+  # terms), some 8 such sums per forward and backward pass, up to ~10
+  # chained steps; scale: the flow's size (a few pixels).
+  scale = max(float(np.abs(fixed.flow).max()), 1.0)
+  for field in ("flow", "t_norm", "adv_images"):
+    assert_close_float32(getattr(active, field).numpy()[first_round],
+                         getattr(fixed, field).numpy()[first_round],
+                         reduction=7 * 7 * 64, depth=80, scale=scale,
+                         err_msg=field)
+  np.testing.assert_allclose(active.t_norm.numpy()[~first_round],
+                             fixed.t_norm.numpy()[~first_round], rtol=0.05)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVE_SET_SETTINGS))
+def test_active_sets_keep_each_images_outcome(baseline, correct_test_set,
+                                              monkeypatch, name):
+  images, labels = correct_test_set
+  images, labels = images[:32], labels[:32]
+  if name == "worst_of_k":
+    # Several transforms per forward pass, chunks of varying length.
+    monkeypatch.setattr(worst_of_k_lib, "TRANSFORMS_BATCH", 48)
+  fixed, active = _fixed_and_active(monkeypatch, baseline, images, labels,
+                                    name, ACTIVE_SET_SETTINGS[name])
+  # The images finish at different times, or the test shows nothing.
+  finished = (fixed.iterations.numpy() if name != "stadv" else
+              fixed.iterations.numpy() // 10)
+  assert len(set(finished.tolist())) > 1, finished
+  _assert_same_outcome(fixed, active, images,
+                       adam_steps=10 if name == "stadv" else None)
+
+
+def test_worst_of_k_keeps_the_first_fooling_transform_in_order(
+    baseline, correct_test_set, monkeypatch):
+  """Several transforms per pass: the one kept is the first that fools,
+  else the first of the highest losses, as trying them one by one."""
+  images, labels = correct_test_set
+  images, labels = images[:16], labels[:16]
+  for transforms in (1, 7, 16 * 25):
+    monkeypatch.setattr(worst_of_k_lib, "TRANSFORMS_BATCH", transforms)
+    fixed, active = _fixed_and_active(
+        monkeypatch, baseline, images, labels, "worst_of_k",
+        dict(grid=False, tries=25, seed=3))
+    _assert_same_outcome(fixed, active, images)
+    # A fresh cache key per batch size: drop the compiled functions.
+    baseline._fgr_tf_compiled_attacks.clear()
+
+
+def test_adef_shared_forward_pass_gives_the_same_result(
+    baseline, correct_test_set, monkeypatch):
+  images, labels = correct_test_set
+  images, labels = images[:16], labels[:16]
+  results = {}
+  for jacobian in (False, True):
+    monkeypatch.setattr(adef_lib, "JACOBIAN", jacobian)
+    results[jacobian] = attacks.adef(baseline, images, labels, max_iter=10)
+  _assert_same_outcome(results[False], results[True], images)
+
+
+@pytest.mark.parametrize("name", ["worst_of_k", "adef"])
+def test_xla_keeps_a_fixed_batch_and_agrees(name):
+  """Under XLA the attacks mask finished images (fixed shapes)."""
+  images, _ = synthetic.shapes(8, size=12, seed=0)
+  model = _small_untrained_cnn()
+  labels = np.argmax(model(images, training=False), -1).astype(np.int32)
+  settings = dict(ACTIVE_SET_SETTINGS[name], jit_compile=False)
+  settings.update({"adef": dict(max_iter=5), "worst_of_k": dict(tries=20)}
+                  .get(name, {}))
+  graph = attacks.make(name)(model, images, labels, **settings)
+  xla = attacks.make(name)(model, images, labels,
+                           **dict(settings, jit_compile=True))
+  assert attacks.common.use_active_sets(False)
+  assert not attacks.common.use_active_sets(True)
+  _assert_same_outcome(graph, xla, images)

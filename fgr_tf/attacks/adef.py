@@ -61,6 +61,14 @@ def image_derivatives(images):
   return along(2), along(1)
 
 
+# The k candidates' gradients at one field: from one forward pass and the
+# k backward passes vectorized into one batch (`tape.jacobian`, pfor), or
+# (False) k separate forward and backward passes. Same values; measured on
+# the quickstart's small CNN (batch 250, 10 classes), the shared forward
+# made ADef 1.3x faster.
+JACOBIAN = True
+
+
 def _field_to_pixel_flow(field_xy):
   """ADef samples x at p + tau(p), (x, y) order; our warp samples p - flow."""
   return tf.stack([-field_xy[..., 1], -field_xy[..., 0]], axis=-1)
@@ -102,15 +110,90 @@ def adef(model, images, labels, sigma=0.5, max_iter=100, overshoot=1.1,
   if int(max_iter) != max_iter or max_iter < 1:
     raise errors.UserError(
         f"max_iter must be an int >= 1. Received: max_iter={max_iter}")
+  active_sets = common.use_active_sets(jit_compile)
   key = ("adef", float(sigma), int(max_iter), float(overshoot),
-         int(candidates), bool(exact_gradient))
+         int(candidates), bool(exact_gradient), active_sets, JACOBIAN)
   attack = common.compiled(model, key, lambda: _build(
       model, float(sigma), int(max_iter), float(overshoot), int(candidates),
-      bool(exact_gradient)), jit_compile)
+      bool(exact_gradient), active_sets, JACOBIAN), jit_compile)
   return common.AttackResult(**attack(images, labels))
 
 
-def _build(model, sigma, max_iter, overshoot, num_candidates, exact_gradient):
+def _build(model, sigma, max_iter, overshoot, num_candidates, exact_gradient,
+           active_sets, jacobian):
+  """The attack. `active_sets`: each iteration runs on the images not yet
+  fooled only (gathered, then scattered back), so an iteration costs what
+  its remaining images need; else on the whole batch, finished images
+  masked (fixed shapes, for XLA). `jacobian`: the candidates share one
+  forward pass (`JACOBIAN`). Same result either way."""
+
+  def deform(images, field):
+    return common.deform(images, _field_to_pixel_flow(field))
+
+  def linearization(images, labels, field, target):
+    """(f, alpha): f = Z_target - Z_label and d f / d field [B, H, W, 2]."""
+    if exact_gradient:
+      with tf.GradientTape() as tape:
+        tape.watch(field)
+        z = common.logits_of(model, deform(images, field))
+        f = (tf.gather(z, target, batch_dims=1) -
+             tf.gather(z, labels, batch_dims=1))
+        f_sum = tf.reduce_sum(f)
+      return f, tape.gradient(f_sum, field)
+    deformed = deform(images, field)
+    # Central differences of the original image, sampled where the field
+    # sends each pixel (d/d tau of x(p + tau(p))).
+    derivatives = tf.concat(image_derivatives(images), axis=-1)
+    channels = tf.shape(images)[3]
+    sampled = warp.dense_image_warp(derivatives, _field_to_pixel_flow(field))
+    with tf.GradientTape() as tape:
+      tape.watch(deformed)
+      z = common.logits_of(model, deformed)
+      f = (tf.gather(z, target, batch_dims=1) -
+           tf.gather(z, labels, batch_dims=1))
+      f_sum = tf.reduce_sum(f)
+    grad = tape.gradient(f_sum, deformed)
+    return f, tf.stack(
+        [tf.reduce_sum(grad * sampled[..., :channels], -1),
+         tf.reduce_sum(grad * sampled[..., channels:], -1)], axis=-1)
+
+  def linearizations(images, labels, field, candidates):
+    """[(f, alpha)] of every candidate: one forward pass, then the k
+    candidates' backward passes as one batch (`tape.jacobian`)."""
+    if not exact_gradient or not jacobian:
+      return [linearization(images, labels, field, candidates[:, j])
+              for j in range(candidates.shape[1])]
+    with tf.GradientTape() as tape:
+      tape.watch(field)
+      z = common.logits_of(model, deform(images, field))
+      f = (tf.gather(z, candidates, batch_dims=1) -
+           tf.gather(z, labels, batch_dims=1)[:, None])  # [B, k]
+      f_sums = tf.reduce_sum(f, axis=0)
+    alphas = tape.jacobian(f_sums, field)  # [k, B, H, W, 2]
+    return [(f[:, j], alphas[j]) for j in range(candidates.shape[1])]
+
+  def step(images, labels, candidates, field):
+    """One iteration on a batch: (the new field, fooled by it)."""
+    batch = tf.shape(images)[0]
+    best = tf.fill([batch], float("inf"))
+    best_field = field
+    for f, alpha in linearizations(images, labels, field, candidates):
+      if sigma > 0:
+        alpha = gaussian_smooth(alpha, sigma)
+        norm2 = tf.reduce_sum(tf.square(alpha), axis=[1, 2, 3])
+        alpha = gaussian_smooth(alpha, sigma)
+      else:
+        norm2 = tf.reduce_sum(tf.square(alpha), axis=[1, 2, 3])
+      scale = -overshoot * f / tf.maximum(norm2, 1e-12)
+      candidate = field + scale[:, None, None, None] * alpha
+      norm = tf.norm(tf.reshape(candidate, [batch, -1]), axis=-1)
+      take = norm < best
+      best = tf.where(take, norm, best)
+      best_field = tf.where(take[:, None, None, None], candidate, best_field)
+    now = common.is_adversarial(
+        common.logits_of(model, deform(images, best_field)), labels)
+    return best_field, now
+
   def attack(images, labels):
     shape = tf.shape(images)
     batch = shape[0]
@@ -123,68 +206,26 @@ def _build(model, sigma, max_iter, overshoot, num_candidates, exact_gradient):
     done = common.is_adversarial(logits, labels)
     iterations = tf.zeros([batch], tf.int32)
 
-    def deform(field):
-      return common.deform(images, _field_to_pixel_flow(field))
-
-    if not exact_gradient:
-      derivatives = tf.concat(image_derivatives(images), axis=-1)
-      channels = shape[3]
-
-    def linearization(field, target):
-      """(f, alpha): f = Z_target - Z_label and d f / d field [B, H, W, 2]."""
-      if exact_gradient:
-        with tf.GradientTape() as tape:
-          tape.watch(field)
-          z = common.logits_of(model, deform(field))
-          f = (tf.gather(z, target, batch_dims=1) -
-               tf.gather(z, labels, batch_dims=1))
-          f_sum = tf.reduce_sum(f)
-        return f, tape.gradient(f_sum, field)
-      deformed = deform(field)
-      # Central differences of the original image, sampled where the field
-      # sends each pixel (d/d tau of x(p + tau(p))).
-      sampled = warp.dense_image_warp(derivatives,
-                                      _field_to_pixel_flow(field))
-      with tf.GradientTape() as tape:
-        tape.watch(deformed)
-        z = common.logits_of(model, deformed)
-        f = (tf.gather(z, target, batch_dims=1) -
-             tf.gather(z, labels, batch_dims=1))
-        f_sum = tf.reduce_sum(f)
-      grad = tape.gradient(f_sum, deformed)
-      return f, tf.stack(
-          [tf.reduce_sum(grad * sampled[..., :channels], -1),
-           tf.reduce_sum(grad * sampled[..., channels:], -1)], axis=-1)
-
     def body(i, field, done, iterations):
-      best = tf.fill([batch], float("inf"))
-      best_field = field
-      for j in range(k):
-        f, alpha = linearization(field, candidates[:, j])
-        if sigma > 0:
-          alpha = gaussian_smooth(alpha, sigma)
-          norm2 = tf.reduce_sum(tf.square(alpha), axis=[1, 2, 3])
-          alpha = gaussian_smooth(alpha, sigma)
-        else:
-          norm2 = tf.reduce_sum(tf.square(alpha), axis=[1, 2, 3])
-        scale = -overshoot * f / tf.maximum(norm2, 1e-12)
-        candidate = field + scale[:, None, None, None] * alpha
-        norm = tf.norm(tf.reshape(candidate, [batch, -1]), axis=-1)
-        take = norm < best
-        best = tf.where(take, norm, best)
-        best_field = tf.where(take[:, None, None, None], candidate, best_field)
+      if active_sets:
+        index = common.active_indices(tf.logical_not(done))
+        new_field, now = step(*(tf.gather(t, index) for t in (
+            images, labels, candidates, field)))
+        return (i + 1, common.scatter(field, index, new_field),
+                common.scatter(done, index, now),
+                tf.tensor_scatter_nd_add(iterations, index[:, None],
+                                         tf.ones_like(index)))
+      best_field, now = step(images, labels, candidates, field)
       active = tf.logical_not(done)
       field = tf.where(active[:, None, None, None], best_field, field)
       iterations += tf.cast(active, tf.int32)
-      now = common.is_adversarial(common.logits_of(model, deform(field)),
-                                  labels)
       return i + 1, field, tf.logical_or(done, now), iterations
 
     _, field, _, iterations = tf.while_loop(
         lambda i, field, done, it: tf.logical_and(
             i < max_iter, tf.logical_not(tf.reduce_all(done))),
         body, (tf.constant(0), field, done, iterations))
-    adv = deform(field)
+    adv = deform(images, field)
     adv_logits = common.logits_of(model, adv)
     flow = _field_to_pixel_flow(field)
     return dict(adv_images=adv, flow=flow,

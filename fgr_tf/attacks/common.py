@@ -130,6 +130,36 @@ def resolve_jit_compile(jit_compile):
   return jit_compile
 
 
+# Active sets: an attack whose images finish at different times (ADef,
+# worst-of-k, stAdv's search rounds) works on the images still running only,
+# gathered into a smaller batch and scattered back, so that its cost follows
+# the images that still need work instead of the slowest image of the batch.
+# Each image's computation is the same as in the full batch (every op is
+# per image), so the results are the same up to float32 round-off (the
+# kernels may block a smaller batch differently). Dynamic shapes are for
+# graph mode only: under XLA, and inside another tf.function (an XLA
+# training step, say), the attacks keep a fixed batch and mask finished
+# images instead. `False` forces the fixed batch everywhere (tests).
+ACTIVE_SETS = True
+
+
+def use_active_sets(jit_compile):
+  """Whether an attack called now, with this `jit_compile`, may shrink its
+  batch to the images still running (`ACTIVE_SETS`)."""
+  return (ACTIVE_SETS and not resolve_jit_compile(jit_compile) and
+          tf.executing_eagerly())
+
+
+def active_indices(active):
+  """[n] int32 indices of the True entries of `active` [B]."""
+  return tf.cast(tf.where(active)[:, 0], tf.int32)
+
+
+def scatter(full, indices, values):
+  """`full` with rows `indices` [n] replaced by `values` [n, ...]."""
+  return tf.tensor_scatter_nd_update(full, indices[:, None], values)
+
+
 def check_inputs(images, labels, name, model=None):
   """Validates a batch (`fgr_tf.validation`) against `model`'s input
   channels and classes; returns (images float32, labels int32)."""

@@ -64,18 +64,24 @@ def stadv(model, images, labels, tau=0.05, kappa=0.0, steps=200,
                              f"{name}={value}")
   targeted = target is not None
   target = tf.cast(labels if target is None else target, tf.int32)
+  active_sets = common.use_active_sets(jit_compile)
   key = ("stadv", float(kappa), int(steps), float(learning_rate), targeted,
-         int(search_steps))
+         int(search_steps), active_sets)
   attack = common.compiled(model, key, lambda: _build(
       model, float(kappa), int(steps), float(learning_rate), targeted,
-      int(search_steps)), jit_compile)
+      int(search_steps), active_sets), jit_compile)
   taus = tf.fill([tf.shape(images)[0]], float(tau))
   return common.AttackResult(**attack(images, labels, target, taus))
 
 
-def _build(model, kappa, steps, learning_rate, targeted, search_steps):
+def _build(model, kappa, steps, learning_rate, targeted, search_steps,
+           active_sets):
   """The attack, all search rounds in one graph (it also runs inside a
-  compiled training step, where a Python `if` on a tensor cannot)."""
+  compiled training step, where a Python `if` on a tensor cannot).
+  `active_sets`: rounds after the first run on the images still not
+  adversarial only (gathered, then scattered back); else on the whole
+  batch, their results kept for those images only (fixed shapes, for XLA).
+  Same result either way: each image's optimization is its own."""
   beta1, beta2, adam_eps = 0.9, 0.999, 1e-8
 
   def one_round(images, labels, target, tau):
@@ -140,9 +146,16 @@ def _build(model, kappa, steps, learning_rate, targeted, search_steps):
       # The images still correct are optimized again from zero, tau / 10;
       # only their results are taken (the others keep theirs).
       taus = tf.where(best["success"], taus, taus / 10.0)
+      retry = tf.logical_not(best["success"])
+      if active_sets:
+        index = common.active_indices(retry)
+        out = one_round(*(tf.gather(t, index) for t in (images, labels,
+                                                        target, taus)))
+        out["iterations"] += round_index * steps
+        best = {k: common.scatter(best[k], index, v) for k, v in out.items()}
+        return round_index + 1, taus, best
       out = one_round(images, labels, target, taus)
       out["iterations"] += round_index * steps
-      retry = tf.logical_not(best["success"])
       best = {k: tf.where(tf.reshape(retry, [-1] + [1] * (v.shape.rank - 1)),
                           v, best[k]) for k, v in out.items()}
       return round_index + 1, taus, best

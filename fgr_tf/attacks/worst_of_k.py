@@ -75,17 +75,53 @@ def worst_of_k(model, images, labels, max_angle=30.0, max_shift=0.1,
   if padding not in warp.PADDINGS:
     raise errors.UserError(f"padding must be one of {warp.PADDINGS}. "
                            f"Received: padding={padding!r}")
-  attack = common.compiled(model, ("worst_of_k", padding),
-                           lambda: _build(model, padding), jit_compile)
+  active_sets = common.use_active_sets(jit_compile)
+  attack = common.compiled(
+      model, ("worst_of_k", padding, active_sets),
+      lambda: _build(model, padding, active_sets), jit_compile)
   return common.AttackResult(**attack(images, labels, params))
 
 
-def _build(model, padding):
+# With active sets, a forward pass takes up to this many images: the
+# images still unfooled, each with as many consecutive transforms as fit.
+TRANSFORMS_BATCH = 1024
+
+
+def _build(model, padding, active_sets):
+  """The attack. `active_sets`: each pass runs the images not yet fooled
+  only, each with the next several transforms of the list (about
+  `TRANSFORMS_BATCH` images per forward pass), and keeps, per image, what
+  trying them one by one in order keeps; else one transform per pass on
+  the whole batch, fooled images masked (fixed shapes, for XLA)."""
+
+  def flows_of(params, height, width):
+    """Pixel flows [N, H, W, 2] of N transforms (angle, shift_y, shift_x)."""
+    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    return rigid_flow(height, width, params[:, 0], params[:, 1] * h,
+                      params[:, 2] * w)
+
   def attack(images, labels, params):
     shape = tf.shape(images)
     batch, height, width = shape[0], shape[1], shape[2]
-    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
     tries = tf.shape(params)[0]
+    if active_sets:
+      chosen, used = _search_active(images, labels, params, height, width)
+      # The transform each image keeps; -1 (none: NaN losses) is no flow.
+      flow = flows_of(tf.gather(params, tf.maximum(chosen, 0)), height, width)
+      flow = tf.where((chosen >= 0)[:, None, None, None], flow,
+                      tf.zeros_like(flow))
+    else:
+      flow, used = _search_fixed(images, labels, params, batch, height, width)
+    adv = common.deform(images, flow, padding)
+    logits = common.logits_of(model, adv)
+    del tries
+    return dict(adv_images=adv, flow=flow,
+                success=common.is_adversarial(logits, labels),
+                iterations=used, t_norm=common.t_norm(flow),
+                adv_logits=logits)
+
+  def _search_fixed(images, labels, params, batch, height, width):
+    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
     ones = tf.ones([batch])
 
     def flow_of(p):
@@ -106,16 +142,61 @@ def _build(model, padding):
       return i + 1, best_loss, best_flow, tf.logical_or(done, fooled), used
 
     _, _, flow, _, used = tf.while_loop(
-        lambda i, *_: i < tries, body,
+        lambda i, *_: i < tf.shape(params)[0], body,
         (tf.constant(0), tf.fill([batch], -1.0),
          tf.zeros(tf.stack([batch, height, width, 2])),
          tf.zeros([batch], tf.bool), tf.zeros([batch], tf.int32)))
-    adv = common.deform(images, flow, padding)
-    logits = common.logits_of(model, adv)
-    return dict(adv_images=adv, flow=flow,
-                success=common.is_adversarial(logits, labels),
-                iterations=used, t_norm=common.t_norm(flow),
-                adv_logits=logits)
+    return flow, used
+
+  def _search_active(images, labels, params, height, width):
+    """(index of the kept transform [B], transforms tried [B])."""
+    batch = tf.shape(images)[0]
+    tries = tf.shape(params)[0]
+
+    def body(i, best_loss, chosen, done, used):
+      index = common.active_indices(tf.logical_not(done))
+      n = tf.shape(index)[0]
+      # The next `count` transforms for each of the n images, image-major.
+      count = tf.minimum(tf.maximum(TRANSFORMS_BATCH // n, 1), tries - i)
+      flows = flows_of(params[i:i + count], height, width)
+      adv = common.deform(
+          tf.repeat(tf.gather(images, index), count, axis=0),
+          tf.tile(flows, [n, 1, 1, 1]), padding)
+      logits = common.logits_of(model, adv)
+      own = tf.repeat(tf.gather(labels, index), count)
+      loss = tf.reshape(
+          tf.nn.sparse_softmax_cross_entropy_with_logits(own, logits),
+          [n, count])
+      fooled = tf.reshape(common.is_adversarial(logits, own), [n, count])
+      # What trying them in order keeps: the first fooling transform, else
+      # the first of the highest losses if above the best so far (NaN
+      # losses are never taken, as `loss > best` is False for them).
+      loss = tf.where(tf.math.is_nan(loss), float("-inf"), loss)
+      position = tf.range(count)[None]
+      first_fooled = tf.reduce_min(tf.where(fooled, position, count), axis=1)
+      highest = tf.reduce_max(loss, axis=1)
+      first_highest = tf.reduce_min(
+          tf.where(loss == highest[:, None], position, count), axis=1)
+      fooled_any = first_fooled < count
+      old_loss = tf.gather(best_loss, index)
+      better = tf.logical_or(fooled_any, highest > old_loss)
+      pick = tf.where(fooled_any, first_fooled, first_highest)
+      new_loss = tf.where(better, tf.gather(loss, pick, batch_dims=1),
+                          old_loss)
+      new_chosen = tf.where(better, i + pick, tf.gather(chosen, index))
+      tried = tf.where(fooled_any, first_fooled + 1, count)
+      return (i + count, common.scatter(best_loss, index, new_loss),
+              common.scatter(chosen, index, new_chosen),
+              common.scatter(done, index, fooled_any),
+              tf.tensor_scatter_nd_add(used, index[:, None], tried))
+
+    _, _, chosen, _, used = tf.while_loop(
+        lambda i, best_loss, chosen, done, used: tf.logical_and(
+            i < tries, tf.logical_not(tf.reduce_all(done))), body,
+        (tf.constant(0), tf.fill([batch], -1.0),
+         tf.fill([batch], -1), tf.zeros([batch], tf.bool),
+         tf.zeros([batch], tf.int32)))
+    return chosen, used
 
   return attack
 
