@@ -42,7 +42,7 @@ def test_bad_overrides_are_named(text, message):
 def test_variants_follow_the_config_order_and_only():
   config = sweep_fashion_mnist.get_config()
   all_variants = sweep.variants(config)
-  assert list(all_variants)[:2] == ["baseline", "igr2000"]
+  assert list(all_variants)[:2] == ["baseline", "igr1000"]
   assert all_variants["fgr100_at"].adv.attack == "flow_pgd"
   assert all_variants["fgr100_at"].fgr.lam == 100.0
   assert all_variants["igr6000"].igr.lam == 6000.0

@@ -134,12 +134,13 @@ def run_sweep(config, workdir):
   import keras  # pylint: disable=g-import-not-at-top
   all_variants = variants(config)
   overrides = variant_overrides(config)
-  runs = {}
+  runs = {name: [] for name in all_variants}
   total = len(all_variants) * len(seeds(config))
   done = 0
-  for name, variant_config in all_variants.items():
-    runs[name] = []
-    for seed in seeds(config):
+  # Seeds outermost: an interrupted sweep has compared every variant on the
+  # first seeds before it starts the next.
+  for seed in seeds(config):
+    for name, variant_config in all_variants.items():
       done += 1
       logging.info("Run %d/%d: %s seed %d (%s)", done, total, name, seed,
                    overrides[name])
