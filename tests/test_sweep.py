@@ -83,6 +83,15 @@ def test_sweep_end_to_end_then_resumes_without_retraining(tmp_path,
   again = sweep.run_sweep(config, str(tmp_path))
   assert again == runs
 
+  # An interrupted sweep: fgr10_at has one seed, reported as such.
+  os.remove(tmp_path / "fgr10_at" / "seed1" / "results.json")
+  finished = sweep.finished_runs(config, str(tmp_path))
+  assert [len(finished[n]) for n in finished] == [2, 2, 1]
+  sweep.write_report(config, finished, str(tmp_path))
+  report = (tmp_path / "RESULTS.md").read_text()
+  assert "3 variants x 1-2 (column `seeds`) seeds" in report
+  assert "| fgr10_at | 1 | `fgr.lam=10.0 adv.attack=flow_pgd` |" in report
+
 
 def test_sweep_app_needs_a_sweep_section(tmp_path):
   proc = run_app("sweep", "--config=configs/smoke.py",

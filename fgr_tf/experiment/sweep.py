@@ -153,6 +153,24 @@ def run_sweep(config, workdir):
   return runs
 
 
+def finished_runs(config, workdir):
+  """The runs of a sweep that have finished so far, for a report while it
+  runs or after it was interrupted.
+
+  Returns:
+    {variant name: [results dict per finished seed]}, in the config's
+    order; variants with no finished seed are left out.
+  """
+  runs = {}
+  for name in variants(config):
+    for seed in seeds(config):
+      path = os.path.join(workdir, name, f"seed{seed}", "results.json")
+      if os.path.exists(path):
+        with open(path) as f:
+          runs.setdefault(name, []).append(json.load(f))
+  return runs
+
+
 def merge_seeds(results_per_seed):
   """One results dict for plots: per-image records concatenated over the
   seeds, accuracies and medians averaged."""
@@ -216,9 +234,12 @@ def write_report(config, runs, workdir):
         ylabel=f"robust accuracy ({robust_label})"))
   total = sum(r.get("train_seconds", 0) + r.get("eval_seconds", 0)
               for results in runs.values() for r in results)
+  counts = sorted({len(results) for results in runs.values()})
+  seeds_text = (str(counts[0]) if len(counts) == 1
+                else f"{counts[0]}-{counts[-1]} (column `seeds`)")
   text = [
       "# Sweep results", "",
-      f"{len(runs)} variants x {len(runs[names[0]])} seeds (mean ± standard "
+      f"{len(runs)} variants x {seeds_text} seeds (mean ± standard "
       f"deviation over seeds), each evaluated on the first "
       f"{first['num_examples']} test images; train + eval wall time "
       f"{total / 60:.1f} min.", "",

@@ -2,7 +2,8 @@
 
 Trains and evaluates every variant of the config's `sweep` section (see
 `fgr_tf.experiment.sweep`); rerun with the same --workdir to resume. Writes
-WORKDIR/RESULTS.md and the plots, and prints the tables.
+WORKDIR/RESULTS.md and the plots, and prints the tables. --report_only
+writes them from the runs finished so far.
 """
 
 from absl import app
@@ -16,6 +17,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "One subdirectory per "
                                "variant; RESULTS.md and PNGs at the top.")
+_REPORT_ONLY = flags.DEFINE_bool(
+    "report_only", False, "Train nothing: write RESULTS.md and the plots "
+    "from the runs finished so far (while a sweep runs, or after one was "
+    "interrupted).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,7 +31,13 @@ def main(argv):
     raise app.UsageError("The config has no `sweep` section; see "
                          "configs/sweep_fashion_mnist.py.")
   from fgr_tf.experiment import sweep  # pylint: disable=g-import-not-at-top
-  results = sweep.run_sweep(_CONFIG.value, _WORKDIR.value)
+  if _REPORT_ONLY.value:
+    results = sweep.finished_runs(_CONFIG.value, _WORKDIR.value)
+    if not results:
+      raise app.UsageError(f"No finished runs under {_WORKDIR.value}.")
+    sweep.write_report(_CONFIG.value, results, _WORKDIR.value)
+  else:
+    results = sweep.run_sweep(_CONFIG.value, _WORKDIR.value)
   from fgr_tf.experiment import reports  # pylint: disable=g-import-not-at-top
   print(reports.sweep_tables(results, sweep.variant_overrides(_CONFIG.value)))
 
