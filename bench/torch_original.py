@@ -11,8 +11,14 @@ step (random start, zero flow with requires_grad, CE with mean reduction,
 momentum and weight decay); the multi-step flow attack (10 signed steps);
 the eval forward. `--dtype bfloat16` runs every model forward under
 `torch.autocast("cpu", torch.bfloat16)` (what a PyTorch user does for
-bf16 on CPU), to compare with fgr_tf's `mixed_bfloat16`. Prints one JSON
-line {mode: images/s (median)}. Not part
+bf16 on CPU), to compare with fgr_tf's `mixed_bfloat16`.
+`--original_dir=<checkout of xpf/Flow-Gradient-Regularization>` also times
+the original's own code: its `models.build_model("vgg11")`, its training
+loop's FGR step (`FlowGradientReg`: random start, `x.requires_grad_`, its
+gather-based `grid_sample`) and its `attacks.gradient.multi_step` (which
+also back-propagates into the weights every step). Prints one JSON line
+{"images_per_s": {mode: images/s (median)}} (and "original_images_per_s"
+with --original_dir). Not part
 of the library or its tests (PyTorch is not a dependency); `bench.compare`
 runs it beside `bench.steps`.
 """
@@ -20,7 +26,9 @@ runs it beside `bench.steps`.
 import argparse
 import contextlib
 import json
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -96,6 +104,60 @@ def eval_forward(model, x):
     return model(x)
 
 
+def original_steps(original_dir, x, y, lam=300.0, rs_sigma=0.01):
+  """{mode: (model, step)} running the original checkout's own code."""
+  # The checkout's `attacks/` has no __init__.py: a namespace package, which
+  # this script's directory's bench/attacks.py would shadow.
+  here = os.path.dirname(os.path.abspath(__file__))
+  sys.path[:] = [original_dir] + [p for p in sys.path
+                                  if os.path.abspath(p or ".") != here]
+  from models import build_model  # pylint: disable=g-import-not-at-top
+  from regularizers.fgr import FlowGradientReg  # pylint: disable=g-import-not-at-top
+  from attacks.gradient import multi_step  # pylint: disable=g-import-not-at-top
+
+  def make(mode):
+    model = build_model("vgg11", 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9,
+                                weight_decay=5e-4)
+    criterion = nn.CrossEntropyLoss()
+    regularizer = FlowGradientReg()
+
+    def fgr():  # train.py's loop body with fgr_lamb > 0
+      inputs = regularizer.random_start(x, rs_sigma)
+      inputs.requires_grad_(True)
+      inputs = regularizer(inputs)
+      loss = criterion(model(inputs), y)
+      loss = loss + lam * regularizer.calculate(loss)
+      optimizer.zero_grad()
+      loss.backward()
+      optimizer.step()
+
+    steps = {"plain": lambda: plain_step(model, optimizer, x, y),
+             "fgr": fgr,
+             "flow_pgd": lambda: multi_step(model, x, y, epsilon=0.01,
+                                            iters=10),
+             "eval": lambda: eval_forward(model, x)}
+    if mode in ("flow_pgd", "eval"):
+      model.eval()
+    return steps[mode]
+
+  return make
+
+
+def time_step(step, warmup, repeats, precision):
+  """Median seconds of `step` over `repeats` calls after `warmup`."""
+  for _ in range(warmup):
+    with precision():
+      step()
+  seconds = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    with precision():
+      step()
+    seconds.append(time.perf_counter() - start)
+  return statistics.median(seconds)
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--batch", type=int, default=128)
@@ -105,6 +167,8 @@ def main():
   parser.add_argument("--modes", default="plain,fgr,flow_pgd,eval")
   parser.add_argument("--dtype", default="float32",
                       choices=["float32", "bfloat16"])
+  parser.add_argument("--original_dir", default="",
+                      help="A checkout of xpf/Flow-Gradient-Regularization.")
   args = parser.parse_args()
   if args.dtype == "bfloat16":
     precision = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
@@ -127,18 +191,17 @@ def main():
         "flow_pgd": lambda: flow_attack(model, x, y),
         "eval": lambda: eval_forward(model, x),
     }[mode]
-    for _ in range(args.warmup):
-      with precision():
-        step()
-    seconds = []
-    for _ in range(args.repeats):
-      start = time.perf_counter()
-      with precision():
-        step()
-      seconds.append(time.perf_counter() - start)
-    results[mode] = args.batch / statistics.median(seconds)
-  print(json.dumps({"torch": torch.__version__, "dtype": args.dtype,
-                    "images_per_s": results}))
+    results[mode] = args.batch / time_step(step, args.warmup, args.repeats,
+                                           precision)
+  output = {"torch": torch.__version__, "dtype": args.dtype,
+            "images_per_s": results}
+  if args.original_dir:
+    make = original_steps(args.original_dir, x, y)
+    output["original_images_per_s"] = {
+        mode: args.batch / time_step(make(mode), args.warmup, args.repeats,
+                                     precision)
+        for mode in args.modes.split(",")}
+  print(json.dumps(output))
 
 
 if __name__ == "__main__":
