@@ -12,6 +12,8 @@ from fgr_tf import synthetic
 SETTINGS = {
     "flow_pgd": dict(epsilon=0.05, steps=10),
     "stadv": dict(steps=30, search_steps=2),
+    "stadv_lbfgs": dict(attack="stadv", optimizer="lbfgs", steps=20,
+                        search_steps=2),
     "adef": dict(max_iter=10),
     "worst_of_k": dict(max_angle=30.0),  # the 775-transform grid
     "random_flow": dict(epsilon=0.05, tries=5),
@@ -34,9 +36,11 @@ def model_and_data():
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_attack_agrees_under_xla(model_and_data, name):
   backbone, images, labels = model_and_data
-  graph = attacks.make(name, jit_compile=False, **SETTINGS[name])(
+  settings = dict(SETTINGS[name])
+  attack = settings.pop("attack", name)
+  graph = attacks.make(attack, jit_compile=False, **settings)(
       backbone, images, labels)
-  xla = attacks.make(name, jit_compile=True, **SETTINGS[name])(
+  xla = attacks.make(attack, jit_compile=True, **settings)(
       backbone, images, labels)
   # Same decision per image except where float32 round-off (different
   # summation orders) moves a signed step or an argmax: at most 2 of 48

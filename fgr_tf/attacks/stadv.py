@@ -4,6 +4,7 @@ import tensorflow as tf
 
 from fgr_tf import errors
 from fgr_tf.attacks import common
+from fgr_tf.attacks import lbfgs as lbfgs_lib
 
 
 def flow_smoothness(flow, eps=1e-8):
@@ -23,18 +24,34 @@ def flow_smoothness(flow, eps=1e-8):
   return total
 
 
+OPTIMIZERS = ("adam", "lbfgs")
+
+# L-BFGS settings of `stadv(optimizer="lbfgs")` (`lbfgs.minimize`): the
+# last 10 pairs, up to 10 trial steps halving from 1 (an iteration moves
+# at least 2^-9 of the quasi-Newton step), and a first (or restarted)
+# step of 1 px, Euclidean over the whole flow (scipy L-BFGS-B's first
+# step: 1 / |g| times the gradient).
+LBFGS_SETTINGS = dict(history=10, max_trials=10, shrink=0.5,
+                      initial_step=1.0)
+
+
 def stadv(model, images, labels, tau=0.05, kappa=0.0, steps=200,
           learning_rate=0.05, search_steps=3, target=None,
-          jit_compile="auto"):
+          optimizer="adam", jit_compile="auto"):
   """stAdv: minimize margin(x_f) + tau * L_flow(f) over a pixel flow f.
 
-  The paper optimizes with L-BFGS; this uses Adam with a fixed number of
-  `steps` on the whole batch at once (each image's objective is separate)
-  and keeps, per image, the successful flow with the smallest L_flow seen.
-  As C&W and advertorch do with their constant, images that no step made
-  adversarial are optimized again from zero with tau / 10, up to
+  The whole batch is optimized at once (each image's objective is its
+  own) and, per image, the successful flow with the smallest L_flow seen
+  is kept. As C&W and advertorch do with their constant, images that no
+  step made adversarial are optimized again from zero with tau / 10, up to
   `search_steps` rounds in all: with tau = 0.05 the smoothness term alone
   wins for about 40% of the images of a briefly trained Fashion-MNIST CNN.
+
+  Two optimizers: "adam" (the default), a fixed number of `steps` of Adam;
+  "lbfgs", the paper's, a batched L-BFGS (`fgr_tf.attacks.lbfgs`: per-image
+  history of 10 pairs, backtracking line search), up to `steps`
+  iterations, each one gradient plus 1-10 forward passes (the line
+  search), stopping early once every image has converged.
 
   Args:
     model: maps [B, H, W, C] images to logits; run with training=False.
@@ -42,17 +59,19 @@ def stadv(model, images, labels, tau=0.05, kappa=0.0, steps=200,
     labels: [B] int true labels.
     tau: weight of the smoothness loss L_flow (0.05 as in the paper).
     kappa: confidence margin of the C&W loss, >= 0.
-    steps: Adam iterations per search step.
-    learning_rate: Adam step size, in pixels.
+    steps: per search round, Adam steps or L-BFGS iterations (at most).
+    learning_rate: Adam's step size, in pixels (Adam only).
     search_steps: rounds in all, each with tau / 10 for the images not yet
       adversarial (1 = a single run with `tau`); the rounds stop early
       when every image is adversarial. Works inside a tf.function.
     target: optional [B] int target classes (targeted attack).
+    optimizer: "adam" or "lbfgs".
     jit_compile: compile with XLA; "auto" = on GPU/TPU.
 
   Returns:
-    `AttackResult`; `iterations` counts the Adam steps (over all search
-    rounds) until each image first became adversarial (all steps if never).
+    `AttackResult`; `iterations` counts the Adam steps or L-BFGS iterations
+    (over all search rounds) completed before the image was first
+    adversarial (all `steps` of each round it took if never).
   """
   images, labels = common.check_inputs(images, labels, "stadv", model)
   if not tau >= 0 or not kappa >= 0:
@@ -62,20 +81,23 @@ def stadv(model, images, labels, tau=0.05, kappa=0.0, steps=200,
     if int(value) != value or value < 1:
       raise errors.UserError(f"{name} must be an int >= 1. Received: "
                              f"{name}={value}")
+  if optimizer not in OPTIMIZERS:
+    raise errors.UserError(f"Unknown stadv optimizer {optimizer!r}. Expected "
+                           f"one of {OPTIMIZERS}.")
   targeted = target is not None
   target = tf.cast(labels if target is None else target, tf.int32)
   active_sets = common.use_active_sets(jit_compile)
   key = ("stadv", float(kappa), int(steps), float(learning_rate), targeted,
-         int(search_steps), active_sets)
+         int(search_steps), optimizer, active_sets)
   attack = common.compiled(model, key, lambda: _build(
       model, float(kappa), int(steps), float(learning_rate), targeted,
-      int(search_steps), active_sets), jit_compile)
+      int(search_steps), optimizer, active_sets), jit_compile)
   taus = tf.fill([tf.shape(images)[0]], float(tau))
   return common.AttackResult(**attack(images, labels, target, taus))
 
 
 def _build(model, kappa, steps, learning_rate, targeted, search_steps,
-           active_sets):
+           optimizer, active_sets):
   """The attack, all search rounds in one graph (it also runs inside a
   compiled training step, where a Python `if` on a tensor cannot).
   `active_sets`: rounds after the first run on the images still not
@@ -84,57 +106,92 @@ def _build(model, kappa, steps, learning_rate, targeted, search_steps,
   Same result either way: each image's optimization is its own."""
   beta1, beta2, adam_eps = 0.9, 0.999, 1e-8
 
+  def evaluate(flow, images, labels, target, tau):
+    """[B] objective, [B] L_flow and logits of the flows [B, H, W, 2]."""
+    logits = common.logits_of(model, common.deform(images, flow))
+    smooth = flow_smoothness(flow)
+    margin = common.cw_margin(logits, labels, kappa,
+                              target if targeted else None)
+    return margin + tau * smooth, smooth, logits
+
+  def record(best, flow, smooth, logits, labels, target, i):
+    """`best` (best_flow, best_smooth, first_success) with `flow` where it
+    is adversarial and smoother than the best so far (label: step i)."""
+    best_flow, best_smooth, first_success = best
+    better = tf.logical_and(
+        common.is_adversarial(logits, labels, target if targeted else None),
+        smooth < best_smooth)
+    return (tf.where(better[:, None, None, None], flow, best_flow),
+            tf.where(better, smooth, best_smooth),
+            tf.where(tf.logical_and(better, first_success == steps), i,
+                     first_success))
+
+  def adam(images, labels, target, tau, flow, best):
+    """Adam: `steps` steps; returns (last flow, best)."""
+
+    def step(i, flow, m, v, best):
+      with tf.GradientTape() as tape:
+        tape.watch(flow)
+        objective, smooth, logits = evaluate(flow, images, labels, target,
+                                             tau)
+        total = tf.reduce_sum(objective)  # inside the tape
+      grad = tape.gradient(total, flow)
+      # Record the current flow if adversarial and smoother than the best.
+      best = record(best, flow, smooth, logits, labels, target, i)
+      t = tf.cast(i + 1, tf.float32)
+      m = beta1 * m + (1 - beta1) * grad
+      v = beta2 * v + (1 - beta2) * tf.square(grad)
+      update = (m / (1 - beta1 ** t)) / (tf.sqrt(v / (1 - beta2 ** t)) +
+                                         adam_eps)
+      return i + 1, flow - learning_rate * update, m, v, best
+
+    _, flow, _, _, best = tf.while_loop(
+        lambda i, *_: i < steps, step,
+        (tf.constant(0), flow, tf.zeros_like(flow), tf.zeros_like(flow),
+         best))
+    return flow, best
+
+  def lbfgs(images, labels, target, tau, flow, best):
+    """L-BFGS: up to `steps` iterations; every evaluated flow, line-search
+    trials included, may become the best; returns (last flow, best)."""
+
+    def value(flow, best, i):
+      objective, smooth, logits = evaluate(flow, images, labels, target, tau)
+      return objective, record(best, flow, smooth, logits, labels, target,
+                               i)
+
+    def value_and_gradient(flow, best, i):
+      with tf.GradientTape() as tape:
+        tape.watch(flow)
+        objective, smooth, logits = evaluate(flow, images, labels, target,
+                                             tau)
+        total = tf.reduce_sum(objective)  # inside the tape
+      grad = tape.gradient(total, flow)
+      return objective, grad, record(best, flow, smooth, logits, labels,
+                                     target, i)
+
+    result = lbfgs_lib.minimize(value_and_gradient, value, flow, steps,
+                                state=best, **LBFGS_SETTINGS)
+    return result.x, result.state
+
+  optimize = {"adam": adam, "lbfgs": lbfgs}[optimizer]
+
   def one_round(images, labels, target, tau):
-    target_or_none = target if targeted else None
     shape = tf.shape(images)
     batch = shape[0]
     flow = tf.zeros(tf.stack([batch, shape[1], shape[2], 2]))
-    state = dict(
-        i=tf.constant(0), flow=flow, m=tf.zeros_like(flow),
-        v=tf.zeros_like(flow), best_flow=flow,
-        best_smooth=tf.fill([batch], float("inf")),
-        first_success=tf.fill([batch], steps))
-
-    def step(s):
-      with tf.GradientTape() as tape:
-        tape.watch(s["flow"])
-        logits = common.logits_of(model, common.deform(images, s["flow"]))
-        smooth = flow_smoothness(s["flow"])
-        objective = tf.reduce_sum(
-            common.cw_margin(logits, labels, kappa, target_or_none) +
-            tau * smooth)  # tau: [B], per image
-      grad = tape.gradient(objective, s["flow"])
-      # Record the current flow if adversarial and smoother than the best.
-      better = tf.logical_and(
-          common.is_adversarial(logits, labels, target_or_none),
-          smooth < s["best_smooth"])
-      best_flow = tf.where(better[:, None, None, None], s["flow"],
-                           s["best_flow"])
-      best_smooth = tf.where(better, smooth, s["best_smooth"])
-      first_success = tf.where(
-          tf.logical_and(better, s["first_success"] == steps), s["i"],
-          s["first_success"])
-      # Adam update.
-      t = tf.cast(s["i"] + 1, tf.float32)
-      m = beta1 * s["m"] + (1 - beta1) * grad
-      v = beta2 * s["v"] + (1 - beta2) * tf.square(grad)
-      update = (m / (1 - beta1 ** t)) / (tf.sqrt(v / (1 - beta2 ** t)) +
-                                         adam_eps)
-      return dict(i=s["i"] + 1, flow=s["flow"] - learning_rate * update, m=m,
-                  v=v, best_flow=best_flow, best_smooth=best_smooth,
-                  first_success=first_success)
-
-    state = tf.while_loop(lambda s: s["i"] < steps, lambda s: (step(s),),
-                          (state,))[0]
+    best = (flow, tf.fill([batch], float("inf")), tf.fill([batch], steps))
+    flow, (best_flow, best_smooth, first_success) = optimize(
+        images, labels, target, tau, flow, best)
     # Images that never succeeded keep the last flow.
-    found = tf.math.is_finite(state["best_smooth"])
-    flow = tf.where(found[:, None, None, None], state["best_flow"],
-                    state["flow"])
+    found = tf.math.is_finite(best_smooth)
+    flow = tf.where(found[:, None, None, None], best_flow, flow)
     adv = common.deform(images, flow)
     logits = common.logits_of(model, adv)
+    target_or_none = target if targeted else None
     return dict(adv_images=adv, flow=flow,
                 success=common.is_adversarial(logits, labels, target_or_none),
-                iterations=state["first_success"], t_norm=common.t_norm(flow),
+                iterations=first_success, t_norm=common.t_norm(flow),
                 adv_logits=logits)
 
   def attack(images, labels, target, taus):
