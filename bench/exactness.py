@@ -156,21 +156,24 @@ def _key(case):
 
 
 def summary(lines):
-  """Markdown: worst error per backbone and path over inputs and batches."""
-  worst = {}
+  """Markdown: per backbone and path, over inputs and batches, the worst
+  error / the worst zero_error (tensors whose exact gradient is zero) and
+  the number of cases."""
+  cases = {}
   for r in lines:
-    key = (r["backbone"], r["path"])
-    if key not in worst or r["error"] > worst[key]["error"]:
-      worst[key] = r
-  paths = [p for p in PATHS if any(k[1] == p for k in worst)]
-  names = [n for n in fgr_tf.backbones.NAMES if any(k[0] == n for k in worst)]
+    cases.setdefault((r["backbone"], r["path"]), []).append(r)
+  paths = [p for p in PATHS if any(k[1] == p for k in cases)]
+  names = [n for n in fgr_tf.backbones.NAMES if any(k[0] == n for k in cases)]
   out = ["| backbone | " + " | ".join(paths) + " |",
          "|---|" + "---|" * len(paths)]
   for name in names:
     cells = []
     for path in paths:
-      r = worst.get((name, path))
-      cells.append("" if r is None else f"{r['error']:.1e}")
+      rs = cases.get((name, path), [])
+      cells.append(
+          f"{max(r['error'] for r in rs):.1e} / "
+          f"{max(r.get('zero_error', 0.0) for r in rs):.1e} ({len(rs)})"
+          if rs else "")
     out.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(out)
 
