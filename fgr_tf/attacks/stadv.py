@@ -51,7 +51,12 @@ def stadv(model, images, labels, tau=0.05, kappa=0.0, steps=200,
   "lbfgs", the paper's, a batched L-BFGS (`fgr_tf.attacks.lbfgs`: per-image
   history of 10 pairs, backtracking line search), up to `steps`
   iterations, each one gradient plus 1-10 forward passes (the line
-  search), stopping early once every image has converged.
+  search), stopping early once every image has converged. Adam stays the
+  default: on the quickstart's two models (docs/ATTACK_REFERENCES.md,
+  "stAdv: Adam or L-BFGS") L-BFGS fooled fewer images (98.5% vs 100%)
+  with less smooth flows (mean L_flow 8-30% larger on the images both
+  fooled), although with smaller median T-norms; tau = 0.05 mostly
+  leaves its line search at the zero flow (L_flow's kink).
 
   Args:
     model: maps [B, H, W, C] images to logits; run with training=False.
