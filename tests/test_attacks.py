@@ -463,7 +463,7 @@ def test_stadv_lbfgs_fools_the_model(baseline, correct_test_set):
   result = attacks.stadv(baseline, images, labels, optimizer="lbfgs",
                          tau=0.005, steps=10, search_steps=1)
   success = result.success.numpy()
-  assert success.mean() >= 0.75  # measured 24 of 24 (one training)
+  assert success.mean() >= 0.75  # measured 22 of 24 (one training)
   np.testing.assert_array_equal(
       success, np.argmax(baseline(result.adv_images, training=False), -1) !=
       labels)
