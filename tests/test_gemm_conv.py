@@ -1,5 +1,9 @@
 """3x3 convolutions on small maps as a matmul: same values and derivatives."""
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -88,3 +92,14 @@ def test_layer_round_trips_through_keras_saving(tmp_path):
   x = np.ones((1, 2, 2, 3), np.float32)
   # One conv: sums of 3 * 3 * 3 products.
   assert_close_float32(loaded(x), model(x), reduction=27)
+
+
+def test_the_threshold_can_be_forced_from_the_environment():
+  code = ("from fgr_tf.backbones import gemm_conv; "
+          "print(gemm_conv.Conv2D.GEMM_MAX_PIXELS)")
+  for value in ("0", "64"):
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True,
+        text=True, env=dict(os.environ, FGR_TF_GEMM_MAX_PIXELS=value,
+                            TF_CPP_MIN_LOG_LEVEL="3")).stdout
+    assert out.split()[-1] == value

@@ -16,6 +16,8 @@ derivatives are exact; tests compare values, first and second derivatives
 with `tf.nn.conv2d`.
 """
 
+import os
+
 import keras
 import tensorflow as tf
 
@@ -78,7 +80,13 @@ class Conv2D(keras.layers.Conv2D):
   feature maps of at most `GEMM_MAX_PIXELS` pixels (static H * W) as
   `conv3x3_same`; every other call is Keras's. Same weights and config."""
 
-  GEMM_MAX_PIXELS = 16  # measured: faster up to 4x4, slower at 8x8
+  # Measured (`python -m bench.conv`, Xeon, FGR's second-order step): the
+  # matmul form is 3.0x faster at 2x2 and 1.0-1.3x at 4x4 with AVX-512;
+  # with ONEDNN_MAX_CPU_ISA=AVX2 2.3x at 2x2 and 0.95-1.04x at 4x4; slower
+  # at 8x8 on both. Force either path with the environment variable
+  # FGR_TF_GEMM_MAX_PIXELS (0 = always oneDNN's kernels) or by setting this
+  # attribute before the model is traced.
+  GEMM_MAX_PIXELS = int(os.environ.get("FGR_TF_GEMM_MAX_PIXELS", "16"))
 
   def convolution_op(self, inputs, kernel):
     if applies(inputs.shape, self.kernel_size, self.strides, self.padding,
