@@ -531,11 +531,17 @@ def test_adef_shared_forward_pass_gives_the_same_result(
 
 
 @pytest.mark.parametrize("name", ["worst_of_k", "adef"])
-def test_xla_keeps_a_fixed_batch_and_agrees(name):
-  """Under XLA the attacks mask finished images (fixed shapes)."""
-  images, _ = synthetic.shapes(8, size=12, seed=0)
-  model = _small_untrained_cnn()
-  labels = np.argmax(model(images, training=False), -1).astype(np.int32)
+def test_xla_keeps_a_fixed_batch_and_agrees(name, baseline,
+                                            correct_test_set):
+  """Under XLA the attacks mask finished images (fixed shapes).
+
+  On the trained model: an untrained one has near-tied logits, where
+  ADef's choice among its candidate classes flips with the summation order
+  (measured: one image of 8 under oneDNN's AVX2 kernels), a branch and not
+  a round-off."""
+  images, labels = correct_test_set
+  images, labels = images[:8], labels[:8]
+  model = baseline
   settings = dict(ACTIVE_SET_SETTINGS[name], jit_compile=False)
   settings.update({"adef": dict(max_iter=5), "worst_of_k": dict(tries=20)}
                   .get(name, {}))
