@@ -131,18 +131,23 @@ def _build(model, kappa, steps, learning_rate, targeted, search_steps,
             tf.where(tf.logical_and(better, first_success == steps), i,
                      first_success))
 
+  def value_and_gradient(images, labels, target, tau, flow, best, i):
+    """Per-image objective [B], its gradient w.r.t. the flow, and `best`
+    updated with this flow if it is adversarial and smoother."""
+    with tf.GradientTape() as tape:
+      tape.watch(flow)
+      objective, smooth, logits = evaluate(flow, images, labels, target, tau)
+      total = tf.reduce_sum(objective)  # inside the tape
+    grad = tape.gradient(total, flow)
+    return objective, grad, record(best, flow, smooth, logits, labels,
+                                   target, i)
+
   def adam(images, labels, target, tau, flow, best):
     """Adam: `steps` steps; returns (last flow, best)."""
 
     def step(i, flow, m, v, best):
-      with tf.GradientTape() as tape:
-        tape.watch(flow)
-        objective, smooth, logits = evaluate(flow, images, labels, target,
-                                             tau)
-        total = tf.reduce_sum(objective)  # inside the tape
-      grad = tape.gradient(total, flow)
-      # Record the current flow if adversarial and smoother than the best.
-      best = record(best, flow, smooth, logits, labels, target, i)
+      _, grad, best = value_and_gradient(images, labels, target, tau, flow,
+                                         best, i)
       t = tf.cast(i + 1, tf.float32)
       m = beta1 * m + (1 - beta1) * grad
       v = beta2 * v + (1 - beta2) * tf.square(grad)
@@ -165,17 +170,10 @@ def _build(model, kappa, steps, learning_rate, targeted, search_steps,
       return objective, record(best, flow, smooth, logits, labels, target,
                                i)
 
-    def value_and_gradient(flow, best, i):
-      with tf.GradientTape() as tape:
-        tape.watch(flow)
-        objective, smooth, logits = evaluate(flow, images, labels, target,
-                                             tau)
-        total = tf.reduce_sum(objective)  # inside the tape
-      grad = tape.gradient(total, flow)
-      return objective, grad, record(best, flow, smooth, logits, labels,
-                                     target, i)
+    def value_with_gradient(flow, best, i):
+      return value_and_gradient(images, labels, target, tau, flow, best, i)
 
-    result = lbfgs_lib.minimize(value_and_gradient, value, flow, steps,
+    result = lbfgs_lib.minimize(value_with_gradient, value, flow, steps,
                                 state=best, **LBFGS_SETTINGS)
     return result.x, result.state
 
