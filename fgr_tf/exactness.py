@@ -88,6 +88,8 @@ def _gradient_fn(model):
 
     def logits_only(x, training):
       outputs = model(x, training=training)
+      if not isinstance(outputs, (list, tuple)):  # a model without branches
+        return outputs
       extras.extend(outputs[1:])
       return outputs[0]
 
