@@ -156,26 +156,37 @@ def _key(case):
 
 
 def summary(lines):
-  """Markdown: per backbone and path, over inputs and batches, the worst
-  error / the worst zero_error (tensors whose exact gradient is zero) and
-  the number of cases."""
+  """Markdown. Exact paths: per backbone and path, over inputs and
+  batches, the worst error / the worst zero_error (tensors whose exact
+  gradient is zero) and the number of cases. Mixed precision (a second
+  table): the worst L2 error of the whole parameter gradient and the
+  lowest cosine to float64's."""
   cases = {}
   for r in lines:
     cases.setdefault((r["backbone"], r["path"]), []).append(r)
-  paths = [p for p in PATHS if any(k[1] == p for k in cases)]
-  names = [n for n in fgr_tf.backbones.NAMES if any(k[0] == n for k in cases)]
-  out = ["| backbone | " + " | ".join(paths) + " |",
-         "|---|" + "---|" * len(paths)]
-  for name in names:
-    cells = []
-    for path in paths:
-      rs = cases.get((name, path), [])
-      cells.append(
-          f"{max(r['error'] for r in rs):.1e} / "
-          f"{max(r.get('zero_error', 0.0) for r in rs):.1e} ({len(rs)})"
-          if rs else "")
-    out.append(f"| {name} | " + " | ".join(cells) + " |")
-  return "\n".join(out)
+
+  def table(paths, cell):
+    paths = [p for p in paths if any(k[1] == p for k in cases)]
+    names = [n for n in fgr_tf.backbones.NAMES
+             if any(k[0] == n and k[1] in paths for k in cases)]
+    out = ["| backbone | " + " | ".join(paths) + " |",
+           "|---|" + "---|" * len(paths)]
+    for name in names:
+      cells = [cell(cases[(name, p)]) if (name, p) in cases else ""
+               for p in paths]
+      out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out) if names else ""
+
+  exact = table(
+      [p for p in PATHS if not p.startswith("mixed_")],
+      lambda rs: (f"{max(r['error'] for r in rs):.1e} / "
+                  f"{max(r.get('zero_error', 0.0) for r in rs):.1e} "
+                  f"({len(rs)})"))
+  mixed = table(
+      [p for p in PATHS if p.startswith("mixed_")],
+      lambda rs: (f"{max(r['l2_error'] for r in rs):.3f} / "
+                  f"{min(r['cosine'] for r in rs):.4f}"))
+  return exact + ("\n\n" + mixed if mixed else "")
 
 
 def main(argv):
