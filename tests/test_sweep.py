@@ -92,6 +92,11 @@ def test_sweep_end_to_end_then_resumes_without_retraining(tmp_path,
   assert "3 variants x 1-2 (column `seeds`) seeds" in report
   assert "| fgr10_at | 1 | `fgr.lam=10.0 adv.attack=flow_pgd` |" in report
 
+  # The tool: --report_only trains nothing (seed 0 of each, the config's).
+  run_app("sweep", "--config=configs/sweep_smoke.py", f"--workdir={tmp_path}",
+          "--report_only")
+  assert "3 variants x 1 seeds" in (tmp_path / "RESULTS.md").read_text()
+
 
 def test_sweep_app_needs_a_sweep_section(tmp_path):
   proc = run_app("sweep", "--config=configs/smoke.py",
