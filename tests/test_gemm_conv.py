@@ -28,7 +28,8 @@ def _derivatives(conv, x, kernel, upstream):
 
 
 @pytest.mark.parametrize("shape,out_channels", [
-    ((2, 2, 2, 5), 3), ((3, 4, 4, 2), 6), ((2, 1, 3, 4), 2), ((1, 5, 2, 3), 4)])
+    ((2, 2, 2, 5), 3), ((3, 4, 4, 2), 6), ((2, 1, 3, 4), 2), ((1, 5, 2, 3), 4),
+    ((3, 1, 1, 3), 2), ((2, 1, 4, 3), 5), ((2, 4, 1, 2), 3)])
 def test_conv3x3_same_equals_conv2d_with_first_and_second_derivatives(
     shape, out_channels):
   rng = np.random.default_rng(0)

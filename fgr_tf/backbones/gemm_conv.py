@@ -37,9 +37,67 @@ def _flip_and_transpose(kernel):
   return tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
 
 
+# Maps of at most this many pixels take the dense form (below): a 2x2 map
+# multiplies 4 * 4 = 16 (pixel, pixel) blocks where im2col multiplies
+# 4 * 9 = 36 (20 of them padding), and needs no im2col at all; at 4x4 the
+# dense form would multiply 256 blocks against 144. Measured on VGG-11's
+# 2x2x512 layer, batch 128 (Xeon; forward / first / second order): 6.4 /
+# 18.6 / 43 ms against im2col's 8.9 / 20.7 / 48 with AVX-512, 8.9 / 23 / 57
+# against 14.3 / 30.7 / 77 with ONEDNN_MAX_CPU_ISA=AVX2.
+DENSE_MAX_PIXELS = 4
+
+
+def _taps(height, width):
+  """[H*W (input pixel q), H*W (output pixel p)] int: the kernel tap (row *
+  3 + column) joining q to p in a 3x3 "same" convolution, 9 where none."""
+  taps = []
+  for k in range(height):
+    for l in range(width):
+      row = []
+      for i in range(height):
+        for j in range(width):
+          di, dj = k - i + 1, l - j + 1
+          row.append(di * 3 + dj if 0 <= di < 3 and 0 <= dj < 3 else 9)
+      taps.append(row)
+  return taps
+
+
+def _dense_kernel(kernel, height, width):
+  """[3, 3, C_in, C_out] -> [H * W * C_in, H * W * C_out]: the 3x3 "same"
+  convolution on an H x W map as one matrix (rows: input pixel, channel;
+  columns: output pixel, channel)."""
+  in_channels, out_channels = kernel.shape[2], kernel.shape[3]
+  pixels = height * width
+  taps = tf.concat([tf.reshape(kernel, [9, in_channels, out_channels]),
+                    tf.zeros([1, in_channels, out_channels], kernel.dtype)],
+                   axis=0)
+  blocks = tf.gather(taps, _taps(height, width))  # [q, p, C_in, C_out]
+  return tf.reshape(tf.transpose(blocks, [0, 2, 1, 3]),
+                    [pixels * in_channels, pixels * out_channels])
+
+
+def _dense_kernel_gradient(x, dy, height, width):
+  """d sum(dy * conv(x, kernel)) / d kernel for the dense form: x^T dy,
+  its (q, p) blocks summed into the kernel taps that join them."""
+  in_channels, out_channels = x.shape[3], dy.shape[3]
+  pixels = height * width
+  products = tf.matmul(tf.reshape(x, [-1, pixels * in_channels]),
+                       tf.reshape(dy, [-1, pixels * out_channels]),
+                       transpose_a=True)
+  blocks = tf.transpose(
+      tf.reshape(products, [pixels, in_channels, pixels, out_channels]),
+      [0, 2, 1, 3])
+  summed = tf.math.unsorted_segment_sum(
+      tf.reshape(blocks, [pixels * pixels, in_channels, out_channels]),
+      tf.reshape(_taps(height, width), [-1]), num_segments=10)
+  return tf.reshape(summed[:9], [3, 3, in_channels, out_channels])
+
+
 @tf.custom_gradient
 def conv3x3_same(x, kernel):
-  """`tf.nn.conv2d(x, kernel, 1, "SAME")` for a 3x3 kernel, via a matmul.
+  """`tf.nn.conv2d(x, kernel, 1, "SAME")` for a 3x3 kernel, via a matmul:
+  im2col, or on maps of at most `DENSE_MAX_PIXELS` pixels one dense matrix
+  built from the kernel.
 
   Args:
     x: [B, H, W, C_in] with static H, W, C_in.
@@ -50,15 +108,21 @@ def conv3x3_same(x, kernel):
   """
   height, width = x.shape[1], x.shape[2]
   out_channels = kernel.shape[3]
-  cols = _im2col(x)
-  y = tf.matmul(cols, tf.reshape(kernel, [-1, out_channels]))
+  if height * width <= DENSE_MAX_PIXELS:
+    y = tf.matmul(tf.reshape(x, [-1, height * width * x.shape[3]]),
+                  _dense_kernel(kernel, height, width))
+    kernel_gradient = lambda dy: _dense_kernel_gradient(x, dy, height, width)
+  else:
+    cols = _im2col(x)
+    y = tf.matmul(cols, tf.reshape(kernel, [-1, out_channels]))
+    kernel_gradient = lambda dy: tf.reshape(
+        tf.matmul(cols, tf.reshape(dy, [-1, out_channels]),
+                  transpose_a=True), tf.shape(kernel))
   y = tf.reshape(y, [-1, height, width, out_channels])
 
   def grad(dy):
     dx = conv3x3_same(dy, _flip_and_transpose(kernel))
-    dkernel = tf.matmul(cols, tf.reshape(dy, [-1, out_channels]),
-                        transpose_a=True)
-    return dx, tf.reshape(dkernel, tf.shape(kernel))
+    return dx, kernel_gradient(dy)
 
   return y, grad
 
