@@ -118,6 +118,44 @@ def deform(images, flow, padding="edge"):
                           0.0, 1.0)
 
 
+def first_fooling_or_worst(model, images, labels, flow_of, count,
+                           flow_shape, padding="edge"):
+  """Tries `count` flows in order on the whole batch (fixed shapes, for XLA
+  and for gradient-free attacks): per image, the first flow that fools the
+  model, else the one with the highest cross-entropy.
+
+  Args:
+    model, images, labels: as the attacks take them.
+    flow_of: i (int32 scalar) -> [B, H, W, 2] pixel flow of try i.
+    count: number of tries (int or int32 scalar).
+    flow_shape: [4] int32, the flows' shape [B, H, W, 2].
+    padding: "edge" or "zeros" outside the image.
+
+  Returns:
+    (flow [B, H, W, 2] kept per image, tries used [B] int32: up to and
+    including the first fooling one, else all).
+  """
+  batch = flow_shape[0]
+
+  def body(i, best_loss, best_flow, done, used):
+    flow = flow_of(i)
+    logits = logits_of(model, deform(images, flow, padding))
+    loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+    fooled = is_adversarial(logits, labels)
+    active = tf.logical_not(done)
+    take = tf.logical_and(active, tf.logical_or(fooled, loss > best_loss))
+    best_flow = tf.where(take[:, None, None, None], flow, best_flow)
+    best_loss = tf.where(take, loss, best_loss)
+    used = used + tf.cast(active, tf.int32)
+    return i + 1, best_loss, best_flow, tf.logical_or(done, fooled), used
+
+  _, _, flow, _, used = tf.while_loop(
+      lambda i, *_: i < count, body,
+      (tf.constant(0), tf.fill([batch], -1.0), tf.zeros(flow_shape),
+       tf.zeros([batch], tf.bool), tf.zeros([batch], tf.int32)))
+  return flow, used
+
+
 def resolve_jit_compile(jit_compile):
   """"auto" -> XLA where there is a GPU or TPU (as `FGRModel.compile`):
   fast there; on CPUs XLA measured ~8x slower for conv nets."""

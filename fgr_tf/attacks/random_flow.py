@@ -50,27 +50,15 @@ def random_flow(model, images, labels, epsilon=0.01, tries=10, seed=0,
 def _build(model, epsilon, tries, padding):
   def attack(images, labels, seed):
     shape = tf.shape(images)
-    batch = shape[0]
-    flow_shape = tf.stack([batch, shape[1], shape[2], 2])
+    flow_shape = tf.stack([shape[0], shape[1], shape[2], 2])
 
-    def body(i, best_loss, best_flow, done, used):
+    def flow_of(i):
       flow_xy = tf.random.stateless_uniform(
           flow_shape, tf.stack([seed[0], seed[1] + i]), -epsilon, epsilon)
-      flow = warp.normalized_to_pixel_flow(flow_xy, shape[1], shape[2])
-      logits = common.logits_of(model, common.deform(images, flow, padding))
-      loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
-      fooled = common.is_adversarial(logits, labels)
-      active = tf.logical_not(done)
-      take = tf.logical_and(active, tf.logical_or(fooled, loss > best_loss))
-      best_flow = tf.where(take[:, None, None, None], flow, best_flow)
-      best_loss = tf.where(take, loss, best_loss)
-      used = used + tf.cast(active, tf.int32)
-      return i + 1, best_loss, best_flow, tf.logical_or(done, fooled), used
+      return warp.normalized_to_pixel_flow(flow_xy, shape[1], shape[2])
 
-    _, _, flow, _, used = tf.while_loop(
-        lambda i, *_: i < tries, body,
-        (tf.constant(0), tf.fill([batch], -1.0), tf.zeros(flow_shape),
-         tf.zeros([batch], tf.bool), tf.zeros([batch], tf.int32)))
+    flow, used = common.first_fooling_or_worst(
+        model, images, labels, flow_of, tries, flow_shape, padding)
     adv = common.deform(images, flow, padding)
     logits = common.logits_of(model, adv)
     return dict(adv_images=adv, flow=flow,

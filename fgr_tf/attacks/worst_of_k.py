@@ -103,7 +103,6 @@ def _build(model, padding, active_sets):
   def attack(images, labels, params):
     shape = tf.shape(images)
     batch, height, width = shape[0], shape[1], shape[2]
-    tries = tf.shape(params)[0]
     if active_sets:
       chosen, used = _search_active(images, labels, params, height, width)
       # The transform each image keeps; -1 (none: NaN losses) is no flow.
@@ -114,7 +113,6 @@ def _build(model, padding, active_sets):
       flow, used = _search_fixed(images, labels, params, batch, height, width)
     adv = common.deform(images, flow, padding)
     logits = common.logits_of(model, adv)
-    del tries
     return dict(adv_images=adv, flow=flow,
                 success=common.is_adversarial(logits, labels),
                 iterations=used, t_norm=common.t_norm(flow),
@@ -128,25 +126,9 @@ def _build(model, padding, active_sets):
       return rigid_flow(height, width, p[0] * ones, p[1] * h * ones,
                         p[2] * w * ones)
 
-    def body(i, best_loss, best_flow, done, used):
-      flow = flow_of(params[i])
-      adv = common.deform(images, flow, padding)
-      logits = common.logits_of(model, adv)
-      loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
-      fooled = common.is_adversarial(logits, labels)
-      active = tf.logical_not(done)
-      take = tf.logical_and(active, tf.logical_or(fooled, loss > best_loss))
-      best_flow = tf.where(take[:, None, None, None], flow, best_flow)
-      best_loss = tf.where(take, loss, best_loss)
-      used = used + tf.cast(active, tf.int32)
-      return i + 1, best_loss, best_flow, tf.logical_or(done, fooled), used
-
-    _, _, flow, _, used = tf.while_loop(
-        lambda i, *_: i < tf.shape(params)[0], body,
-        (tf.constant(0), tf.fill([batch], -1.0),
-         tf.zeros(tf.stack([batch, height, width, 2])),
-         tf.zeros([batch], tf.bool), tf.zeros([batch], tf.int32)))
-    return flow, used
+    return common.first_fooling_or_worst(
+        model, images, labels, lambda i: flow_of(params[i]),
+        tf.shape(params)[0], tf.stack([batch, height, width, 2]), padding)
 
   def _search_active(images, labels, params, height, width):
     """(index of the kept transform [B], transforms tried [B])."""
