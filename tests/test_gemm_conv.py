@@ -29,14 +29,18 @@ def _derivatives(conv, x, kernel, upstream):
 
 @pytest.mark.parametrize("shape,out_channels", [
     ((2, 2, 2, 5), 3), ((3, 4, 4, 2), 6), ((2, 1, 3, 4), 2), ((1, 5, 2, 3), 4),
-    ((3, 1, 1, 3), 2), ((2, 1, 4, 3), 5), ((2, 4, 1, 2), 3)])
+    ((3, 1, 1, 3), 2), ((2, 1, 4, 3), 5), ((2, 4, 1, 2), 3),
+    ((2, 6, 4, 3), 4), ((1, 2, 8, 2), 3)])
+@pytest.mark.parametrize("use_winograd", [True, False])
 def test_conv3x3_same_equals_conv2d_with_first_and_second_derivatives(
-    shape, out_channels):
+    shape, out_channels, use_winograd):
   rng = np.random.default_rng(0)
   x = tf.constant(rng.normal(size=shape))
   kernel = tf.constant(rng.normal(size=(3, 3, shape[-1], out_channels)))
   upstream = tf.constant(rng.normal(size=shape[:3] + (out_channels,)))
-  ours = _derivatives(gemm_conv.conv3x3_same, x, kernel, upstream)
+  ours = _derivatives(
+      lambda a, k: gemm_conv.conv3x3_same(a, k, use_winograd), x, kernel,
+      upstream)
   reference = _derivatives(lambda a, k: tf.nn.conv2d(a, k, 1, "SAME"), x,
                            kernel, upstream)
   for name, a, b in zip(["y", "dx", "dkernel", "d2 kernel", "d2 x"], ours,
@@ -95,12 +99,34 @@ def test_layer_round_trips_through_keras_saving(tmp_path):
   assert_close_float32(loaded(x), model(x), reduction=27)
 
 
-def test_the_threshold_can_be_forced_from_the_environment():
+def test_the_paths_can_be_forced_from_the_environment():
   code = ("from fgr_tf.backbones import gemm_conv; "
-          "print(gemm_conv.Conv2D.GEMM_MAX_PIXELS)")
-  for value in ("0", "64"):
+          "print(gemm_conv.Conv2D.GEMM_MAX_PIXELS, "
+          "gemm_conv.Conv2D.WINOGRAD)")
+  for pixels, winograd in (("0", "0"), ("64", "1")):
     out = subprocess.run(
         [sys.executable, "-c", code], check=True, capture_output=True,
-        text=True, env=dict(os.environ, FGR_TF_GEMM_MAX_PIXELS=value,
+        text=True, env=dict(os.environ, FGR_TF_GEMM_MAX_PIXELS=pixels,
+                            FGR_TF_WINOGRAD=winograd,
                             TF_CPP_MIN_LOG_LEVEL="3")).stdout
-    assert out.split()[-1] == value
+    assert out.split()[-2:] == [pixels, str(winograd == "1")]
+
+
+def test_winograd_takes_even_float_maps_only(monkeypatch):
+  def batch_matmuls(layer, shape, dtype=None):
+    fn = tf.function(lambda x: layer(x))
+    spec = tf.TensorSpec((None,) + shape, dtype or tf.float32)
+    graph = fn.get_concrete_function(spec).graph
+    return [op for op in graph.get_operations()
+            if op.type.startswith("BatchMatMul")]
+
+  assert batch_matmuls(gemm_conv.Conv2D(8, 3, padding="same"), (4, 4, 3))
+  assert not batch_matmuls(gemm_conv.Conv2D(8, 3, padding="same"),
+                           (3, 5, 3))  # odd: im2col
+  assert not batch_matmuls(gemm_conv.Conv2D(8, 3, padding="same"),
+                           (2, 2, 3))  # dense form
+  assert not batch_matmuls(
+      gemm_conv.Conv2D(8, 3, padding="same", dtype="mixed_bfloat16"),
+      (4, 4, 3))
+  monkeypatch.setattr(gemm_conv.Conv2D, "WINOGRAD", False)
+  assert not batch_matmuls(gemm_conv.Conv2D(8, 3, padding="same"), (4, 4, 3))

@@ -1,16 +1,20 @@
-"""3x3 convolutions on small feature maps as one matrix product.
+"""3x3 convolutions on small feature maps as matrix products.
 
 On CPU, oneDNN's convolution kernels are slow on tiny feature maps with
 many channels: a VGG-11 3x3 conv on 2x2x512 ran at ~1/4 of the FLOP rate
-of the same network's 16x16 layers (`bench.profile_ops`). Gathering the
-3x3 neighbourhoods ("im2col": 9 shifted slices of the zero-padded input)
-and multiplying by the [9 * C_in, C_out] kernel is the same sum, and a
-matmul runs that shape near the machine's peak.
+of the same network's 16x16 layers (`bench.profile_ops`). The same sum as
+matmuls, which run such shapes near the machine's peak:
+  - maps of at most `DENSE_MAX_PIXELS` pixels: one dense matrix built from
+    the kernel (no padding products, no gathering);
+  - other even-sized maps in float32/float64: Winograd's F(2x2, 3x3)
+    (`winograd.py`, 2.25x fewer multiplies);
+  - otherwise "im2col": 9 shifted slices of the zero-padded input times
+    the [9 * C_in, C_out] kernel.
 
 Gradients (hand-written, so that no slow "col2im" appears on the FGR path):
   d x      = the same 3x3 convolution of dy with the kernel flipped in space
-             and transposed (in <-> out channels), again as a matmul;
-  d kernel = im2col(x)^T dy.
+             and transposed (in <-> out channels), again as matmuls;
+  d kernel = im2col(x)^T dy (dense form / Winograd: their own adjoints).
 Both are differentiable TF ops (d x calls this function again), so second
 derivatives are exact; tests compare values, first and second derivatives
 with `tf.nn.conv2d`.
@@ -21,6 +25,8 @@ import os
 import keras
 import tensorflow as tf
 
+from fgr_tf.backbones import winograd
+
 
 def _im2col(x):
   """[B, H, W, C] -> [B * H * W, 9 * C]: zero-padded 3x3 neighbourhoods,
@@ -30,11 +36,6 @@ def _im2col(x):
   patches = tf.concat([padded[:, i:i + height, j:j + width, :]
                        for i in range(3) for j in range(3)], axis=-1)
   return tf.reshape(patches, [-1, 9 * x.shape[3]])
-
-
-def _flip_and_transpose(kernel):
-  """[3, 3, C_in, C_out] -> [3, 3, C_out, C_in], spatially reversed."""
-  return tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
 
 
 # Maps of at most this many pixels take the dense form (below): a 2x2 map
@@ -93,19 +94,33 @@ def _dense_kernel_gradient(x, dy, height, width):
   return tf.reshape(summed[:9], [3, 3, in_channels, out_channels])
 
 
-@tf.custom_gradient
-def conv3x3_same(x, kernel):
-  """`tf.nn.conv2d(x, kernel, 1, "SAME")` for a 3x3 kernel, via a matmul:
-  im2col, or on maps of at most `DENSE_MAX_PIXELS` pixels one dense matrix
-  built from the kernel.
+def conv3x3_same(x, kernel, use_winograd=True):
+  """`tf.nn.conv2d(x, kernel, 1, "SAME")` for a 3x3 kernel, via matmuls:
+  on maps of at most `DENSE_MAX_PIXELS` pixels one dense matrix built from
+  the kernel; on other even-sized maps in float32 or float64 Winograd's
+  F(2x2, 3x3) (`winograd.py`) unless `use_winograd` is False; else im2col.
+  (In float16 / bfloat16 Winograd's transforms would add roundings that
+  the direct sum, accumulated in float32 by the matmul, does not.)
 
   Args:
     x: [B, H, W, C_in] with static H, W, C_in.
     kernel: [3, 3, C_in, C_out], same dtype.
+    use_winograd: allow the Winograd form.
 
   Returns:
     [B, H, W, C_out].
   """
+  height, width = x.shape[1], x.shape[2]
+  if (use_winograd and height * width > DENSE_MAX_PIXELS and
+      winograd.applies(height, width) and
+      x.dtype in (tf.float32, tf.float64)):
+    return winograd.conv3x3_same(x, kernel)
+  return _conv3x3_matmul(x, kernel)
+
+
+@tf.custom_gradient
+def _conv3x3_matmul(x, kernel):
+  """`conv3x3_same` by a dense matrix (small maps) or im2col."""
   height, width = x.shape[1], x.shape[2]
   out_channels = kernel.shape[3]
   if height * width <= DENSE_MAX_PIXELS:
@@ -121,7 +136,7 @@ def conv3x3_same(x, kernel):
   y = tf.reshape(y, [-1, height, width, out_channels])
 
   def grad(dy):
-    dx = conv3x3_same(dy, _flip_and_transpose(kernel))
+    dx = _conv3x3_matmul(dy, winograd.flip_and_transpose(kernel))
     return dx, kernel_gradient(dy)
 
   return y, grad
@@ -144,17 +159,24 @@ class Conv2D(keras.layers.Conv2D):
   feature maps of at most `GEMM_MAX_PIXELS` pixels (static H * W) as
   `conv3x3_same`; every other call is Keras's. Same weights and config."""
 
-  # Measured (`python -m bench.conv`, Xeon, FGR's second-order step): the
-  # matmul form is 3.0x faster at 2x2 and 1.0-1.3x at 4x4 with AVX-512;
-  # with ONEDNN_MAX_CPU_ISA=AVX2 2.3x at 2x2 and 0.95-1.04x at 4x4; slower
-  # at 8x8 on both. Force either path with the environment variable
-  # FGR_TF_GEMM_MAX_PIXELS (0 = always oneDNN's kernels) or by setting this
-  # attribute before the model is traced.
+  # Measured (`python -m bench.conv`, Xeon, FGR's second-order step, ms,
+  # 2026-11-26): with AVX-512 the matmul forms take 39.5 (dense) against
+  # oneDNN's 138 at 2x2x512, 92 / 53 (Winograd) against 209 / 104 at
+  # 4x4x512 / 4x4x256->512; with ONEDNN_MAX_CPU_ISA=AVX2 51 vs 176 at
+  # 2x2, 149 / 77 vs 280 / 137 at 4x4. At 8x8 oneDNN is level or faster
+  # on both (Winograd 125 vs 122 AVX-512, 191 vs 209 AVX2 at 256 channels;
+  # 75 vs 62 and 117 vs 105 at 128). Force either path with the
+  # environment variable FGR_TF_GEMM_MAX_PIXELS (0 = always oneDNN's
+  # kernels) or by setting this attribute before the model is traced.
   GEMM_MAX_PIXELS = int(os.environ.get("FGR_TF_GEMM_MAX_PIXELS", "16"))
+  # Whether even-sized maps above DENSE_MAX_PIXELS take the Winograd form
+  # (else im2col); FGR_TF_WINOGRAD=0 turns it off.
+  WINOGRAD = os.environ.get("FGR_TF_WINOGRAD", "1") != "0"
 
   def convolution_op(self, inputs, kernel):
     if applies(inputs.shape, self.kernel_size, self.strides, self.padding,
                self.dilation_rate, self.groups, self.data_format,
                self.GEMM_MAX_PIXELS):
-      return conv3x3_same(inputs, tf.convert_to_tensor(kernel))
+      return conv3x3_same(inputs, tf.convert_to_tensor(kernel),
+                          self.WINOGRAD)
     return super().convolution_op(inputs, kernel)

@@ -1,0 +1,157 @@
+"""3x3 "same" convolutions on even-sized maps by Winograd's F(2x2, 3x3).
+
+Each 2x2 block of outputs is computed from its 4x4 input tile as
+  y = A^T [(G g G^T) * (B^T d B)] A        (Lavin & Gray, 2016)
+where, summed over input channels, the elementwise product becomes 16
+matrix products [tiles, C_in] x [C_in, C_out]: 16 multiplies per 2x2
+outputs instead of 36, i.e. 2.25x fewer FLOPs than the direct sum. The
+transforms are additions (and halvings of the kernel, exact in binary), so
+the float32 error is that of the direct sum (tests/test_gemm_conv.py).
+
+The input and output transforms of all tiles are one matmul each with a
+constant [16 T, H W] / [H W, 16 T] matrix (T = H/2 * W/2 tiles), whose
+size grows with the map's square: so the form is for small maps
+(`MAX_PIXELS`). Measured (`python -m bench.conv`, Xeon, batch 128,
+forward / first / second order, ms), VGG-11's 4x4x512->512 layer: 17.4 /
+38.9 / 92 against im2col's 31.0 / 66.9 / 158 and oneDNN's 42.7 / 84.1 /
+209 with AVX-512; 27.6 / 60.1 / 149 against 51.3 / 110 / 257 and 52.7 /
+114 / 280 with ONEDNN_MAX_CPU_ISA=AVX2. At 8x8 it is level with oneDNN
+(256 channels) or slower (128), so `gemm_conv.Conv2D` keeps oneDNN there.
+The same transforms written with strided slices took 3x longer (TF's
+strided slicing is a per-element loop on CPU).
+
+Gradients are hand-written, like the matmul form's:
+  d x      = the same convolution of dy with the kernel flipped in space
+             and transposed (in <-> out channels), again by Winograd;
+  d kernel = G^T [sum over tiles of (B^T d B)^T (A dy A^T)] G,
+both from differentiable ops, so second derivatives are exact.
+"""
+
+import functools
+
+import numpy as np
+import tensorflow as tf
+
+_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]])
+# [16, 9]: the kernel transform g -> G g G^T on flattened 3x3 / 4x4 taps.
+_KERNEL_TRANSFORM = np.einsum("ai,bj->abij", _G, _G).reshape(16, 9)
+
+
+# Rows: B^T (input tile -> transformed tile), A^T (transformed -> outputs).
+_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]])
+_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]])
+
+
+@functools.lru_cache(maxsize=None)
+def _input_matrix(height, width):
+  """[16 * T, H * W] float64, T = H/2 * W/2 tiles: row (xi, nu, tile) holds
+  the weights of B^T d B at (xi, nu) of that tile's zero-padded 4x4 input
+  window (rows 2 t - 1 ... 2 t + 2), on the map's pixels."""
+  tiles_h, tiles_w = height // 2, width // 2
+  matrix = np.zeros((4, 4, tiles_h, tiles_w, height, width))
+  for t in range(tiles_h):
+    for u in range(tiles_w):
+      for i in range(4):
+        for j in range(4):
+          row, col = 2 * t + i - 1, 2 * u + j - 1
+          if 0 <= row < height and 0 <= col < width:
+            matrix[:, :, t, u, row, col] += np.outer(_BT[:, i], _BT[:, j])
+  return matrix.reshape(16 * tiles_h * tiles_w, height * width)
+
+
+@functools.lru_cache(maxsize=None)
+def _output_matrix(height, width):
+  """[H * W, 16 * T] float64: A^T m A of each tile, placed at its 2x2
+  output block."""
+  tiles_h, tiles_w = height // 2, width // 2
+  matrix = np.zeros((height, width, 4, 4, tiles_h, tiles_w))
+  for t in range(tiles_h):
+    for u in range(tiles_w):
+      for a in range(2):
+        for b in range(2):
+          matrix[2 * t + a, 2 * u + b, :, :, t, u] = np.outer(_AT[a], _AT[b])
+  return matrix.reshape(height * width, 16 * tiles_h * tiles_w)
+
+
+def _input_transform(x):
+  """[B, H, W, C] -> [16, B * T, C]: B^T d B of every tile."""
+  height, width, channels = x.shape[1], x.shape[2], x.shape[3]
+  matrix = tf.constant(_input_matrix(height, width), x.dtype)
+  tiles = tf.matmul(matrix, tf.reshape(x, [-1, height * width, channels]))
+  tiles = tf.reshape(tiles, [-1, 16, height * width // 4, channels])
+  return tf.reshape(tf.transpose(tiles, [1, 0, 2, 3]), [16, -1, channels])
+
+
+def _output_transform(m, batch, height, width):
+  """[16, B * T, C] -> [B, H, W, C]: A^T m A of every tile."""
+  channels = m.shape[-1]
+  m = tf.transpose(tf.reshape(m, [16, batch, height * width // 4, channels]),
+                   [1, 0, 2, 3])
+  y = tf.matmul(tf.constant(_output_matrix(height, width), m.dtype),
+                tf.reshape(m, [batch, -1, channels]))
+  return tf.reshape(y, [batch, height, width, channels])
+
+
+def _output_adjoint(dy):
+  """[B, H, W, C] -> [16, B * T, C]: A dy A^T per tile, the adjoint of
+  `_output_transform`."""
+  height, width, channels = dy.shape[1], dy.shape[2], dy.shape[3]
+  matrix = tf.constant(_output_matrix(height, width), dy.dtype)
+  tiles = tf.matmul(matrix, tf.reshape(dy, [-1, height * width, channels]),
+                    transpose_a=True)
+  tiles = tf.reshape(tiles, [-1, 16, height * width // 4, channels])
+  return tf.reshape(tf.transpose(tiles, [1, 0, 2, 3]), [16, -1, channels])
+
+
+def _kernel_transform(kernel):
+  """[3, 3, C_in, C_out] -> [16, C_in, C_out]: G g G^T."""
+  u = tf.matmul(tf.constant(_KERNEL_TRANSFORM, kernel.dtype),
+                tf.reshape(kernel, [9, -1]))
+  return tf.reshape(u, [16, kernel.shape[2], kernel.shape[3]])
+
+
+def _kernel_adjoint(du, in_channels, out_channels):
+  """[16, C_in, C_out] -> [3, 3, C_in, C_out]: G^T du G."""
+  g = tf.matmul(tf.constant(_KERNEL_TRANSFORM, du.dtype),
+                tf.reshape(du, [16, -1]), transpose_a=True)
+  return tf.reshape(g, [3, 3, in_channels, out_channels])
+
+
+def flip_and_transpose(kernel):
+  """[3, 3, C_in, C_out] -> [3, 3, C_out, C_in], spatially reversed."""
+  return tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
+
+
+# Largest map (H * W) the form takes; see the module docstring.
+MAX_PIXELS = 64
+
+
+def applies(height, width):
+  """Whether F(2x2, 3x3) tiles an H x W map exactly and the map is small
+  enough for the matrix transforms."""
+  return height % 2 == 0 and width % 2 == 0 and height * width <= MAX_PIXELS
+
+
+@tf.custom_gradient
+def conv3x3_same(x, kernel):
+  """`tf.nn.conv2d(x, kernel, 1, "SAME")` for a 3x3 kernel by Winograd.
+
+  Args:
+    x: [B, H, W, C_in], static H, W (even) and C_in.
+    kernel: [3, 3, C_in, C_out], same dtype.
+
+  Returns:
+    [B, H, W, C_out].
+  """
+  height, width = x.shape[1], x.shape[2]
+  in_channels, out_channels = kernel.shape[2], kernel.shape[3]
+  tiles = _input_transform(x)
+  y = _output_transform(tf.matmul(tiles, _kernel_transform(kernel)),
+                        tf.shape(x)[0], height, width)
+
+  def grad(dy):
+    dx = conv3x3_same(dy, flip_and_transpose(kernel))
+    du = tf.matmul(tiles, _output_adjoint(dy), transpose_a=True)
+    return dx, _kernel_adjoint(du, in_channels, out_channels)
+
+  return y, grad
