@@ -9,6 +9,11 @@ step) and the speed ratio per mode: VGG-11, 32x32x3, 10 classes.
 With --original_dir (a checkout of xpf/Flow-Gradient-Regularization) the
 original's own classes are timed too, and each ratio is against the faster
 of the restatement and the original's code.
+
+Each round also measures `bench.flop_bound` (images/s if the mode's
+direct-convolution FLOPs ran at this machine's sustained matmul rate); the
+table's "bound" column and each side's share of it say how much speed-up
+over the original the machine allows at all.
 """
 
 import json
@@ -55,6 +60,15 @@ def run_tf(batch, repeats, dtype="float32"):
   return {m: r["median"] for m, r in _last_json_line(out)["results"].items()}
 
 
+def run_bound():
+  """{mode: images/s at the FLOP bound} (`bench.flop_bound`)."""
+  out = subprocess.run(
+      [sys.executable, "-m", "bench.flop_bound", "--json"], cwd=ROOT,
+      check=True, capture_output=True, text=True,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")).stdout
+  return _last_json_line(out)["images_per_s"]
+
+
 def run_torch(python, batch, repeats, threads, dtype="float32",
               original_dir=""):
   """{"restated": {mode: images/s}} and, with `original_dir`,
@@ -73,8 +87,9 @@ def run_torch(python, batch, repeats, threads, dtype="float32",
 
 def main(argv):
   del argv
-  ours, theirs = [], []
+  ours, theirs, bounds = [], [], []
   for _ in range(_ROUNDS.value):
+    bounds.append(run_bound())
     ours.append(run_tf(_BATCH.value, _REPEATS.value, _DTYPE.value))
     theirs.append(run_torch(_TORCH_PYTHON.value, _BATCH.value,
                             _REPEATS.value, _THREADS.value, _DTYPE.value,
@@ -82,14 +97,17 @@ def main(argv):
   kinds = list(theirs[0])
   print(f"VGG-11 batch {_BATCH.value} 32x32x3 {_DTYPE.value}, images/s "
         f"(median of {_ROUNDS.value} interleaved rounds); ratio = fgr_tf / "
-        f"the faster of {' and '.join(kinds)}")
+        f"the faster of {' and '.join(kinds)}; bound = the FLOP bound "
+        "(bench.flop_bound), max ratio = bound / that faster one")
   print(f"{'mode':<10}{'fgr_tf':>10}" + "".join(f"{k:>10}" for k in kinds)
-        + f"{'ratio':>8}")
+        + f"{'ratio':>8}{'bound':>10}{'max ratio':>10}")
   for mode in MODES:
     a = statistics.median(r[mode] for r in ours)
     others = [statistics.median(r[k][mode] for r in theirs) for k in kinds]
+    bound = statistics.median(r[mode] for r in bounds)
     print(f"{mode:<10}{a:>10.1f}" + "".join(f"{b:>10.1f}" for b in others)
-          + f"{a / max(others):>8.2f}")
+          + f"{a / max(others):>8.2f}{bound:>10.1f}"
+          f"{bound / max(others):>10.2f}")
   a = statistics.median(r["plain"] / r["fgr"] for r in ours)
   print(f"fgr_tf FGR step time / plain step time: {a:.2f}")
 

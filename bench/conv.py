@@ -1,13 +1,15 @@
-"""One 3x3 "same" convolution: oneDNN's kernel against the matmul form.
+"""One 3x3 "same" convolution: oneDNN's kernel against the matmul forms.
 
   python -m bench.conv
 
-For each of VGG-11's feature-map shapes at batch 128, times (ms, median of
---repeats) the forward pass, forward + both gradients, and the FGR-like
-second-order step (the gradient w.r.t. the kernel of the squared input
-gradient of sum(conv(x)^2 * upstream)), for `tf.nn.conv2d` and `fgr_tf.backbones.gemm_conv.conv3x3_same`,
-and prints the largest difference of the second-order kernel gradients.
-`gemm_conv.Conv2D` takes the matmul form up to `GEMM_MAX_PIXELS` pixels.
+For each of VGG-11's feature-map shapes at batch 128, times (ms, median
+of interleaved rounds) the forward pass, forward + both gradients, and the
+FGR-like second-order step (the gradient w.r.t. the kernel of the squared
+input gradient of sum(conv(x)^2 * upstream)) for oneDNN's `tf.nn.conv2d`,
+the im2col / dense matmul form and the Winograd form
+(`fgr_tf.backbones.gemm_conv.conv3x3_same`), and prints the largest
+difference of the second-order kernel gradients from conv2d's.
+`gemm_conv.Conv2D` takes the matmul forms up to `GEMM_MAX_PIXELS` pixels.
 """
 
 import os
@@ -56,8 +58,19 @@ def make_steps(conv, x, kernel, upstream):
   return tf.function(forward), tf.function(first), tf.function(second)
 
 
-def run(shapes, batch, repeats):
-  """[(shape, oneDNN (fwd, first, second) ms, matmul (...) ms, diff)]."""
+# name -> 3x3 "same" convolution; the matmul forms as `gemm_conv.Conv2D`
+# picks them (the dense form on maps of <= DENSE_MAX_PIXELS pixels).
+FORMS = {
+    "conv2d": onednn_conv,
+    "im2col": lambda x, k: gemm_conv.conv3x3_same(x, k, use_winograd=False),
+    "winograd": gemm_conv.conv3x3_same,
+}
+
+
+def run(shapes, batch, repeats, rounds=3):
+  """[(shape, {form: (fwd, first, second) ms}, {form: diff})]: medians over
+  `rounds` interleaved rounds of `repeats` steps; diff = largest difference
+  of the second-order kernel gradient from conv2d's / its max."""
   rng = np.random.default_rng(0)
   rows = []
   for size, cin, cout in shapes:
@@ -66,28 +79,39 @@ def run(shapes, batch, repeats):
                          dtype=tf.float32)
     upstream = tf.constant(rng.normal(size=(batch, size, size, cout)),
                            tf.float32)
-    timings, grads = [], []
-    for conv in (onednn_conv, gemm_conv.conv3x3_same):
-      steps = make_steps(conv, x, kernel, upstream)
-      timings.append(tuple(timing.median_ms(s, repeats) for s in steps))
-      grads.append(steps[2]().numpy())
-    diff = np.abs(grads[1] - grads[0]).max() / np.abs(grads[0]).max()
-    rows.append(((size, cin, cout), timings[0], timings[1], diff))
+    steps = {name: make_steps(conv, x, kernel, upstream)
+             for name, conv in FORMS.items()}
+    grads = {name: s[2]().numpy() for name, s in steps.items()}
+    times = {name: [[] for _ in range(3)] for name in FORMS}
+    for _ in range(rounds):
+      for name, form_steps in steps.items():
+        for i, step in enumerate(form_steps):
+          times[name][i].append(timing.median_ms(step, repeats))
+    reference = grads["conv2d"]
+    rows.append((
+        (size, cin, cout),
+        {name: tuple(float(np.median(t)) for t in ts)
+         for name, ts in times.items()},
+        {name: float(np.abs(g - reference).max() / np.abs(reference).max())
+         for name, g in grads.items() if name != "conv2d"}))
   return rows
 
 
 def main(argv):
   del argv
   print(f"3x3 same conv, batch {flags.FLAGS.batch}, ms (median of "
-        f"{flags.FLAGS.repeats}): forward / fwd+grads / second order")
-  for (size, cin, cout), onednn, matmul, diff in run(
-      SHAPES, flags.FLAGS.batch, flags.FLAGS.repeats):
-    print(f"{size}x{size} {cin}->{cout}: conv2d " +
-          " / ".join(f"{t:.1f}" for t in onednn) + "  matmul " +
-          " / ".join(f"{t:.1f}" for t in matmul) + f"  diff {diff:.1e}")
+        f"{flags.FLAGS.rounds} rounds of {flags.FLAGS.repeats}): forward / "
+        "fwd+grads / second order; diff: second order vs conv2d")
+  for (size, cin, cout), times, diffs in run(
+      SHAPES, flags.FLAGS.batch, flags.FLAGS.repeats, flags.FLAGS.rounds):
+    print(f"{size}x{size} {cin}->{cout}: " + "  ".join(
+        f"{name} " + " / ".join(f"{t:.1f}" for t in ts)
+        for name, ts in times.items()) + "  diff " + " ".join(
+            f"{name} {d:.1e}" for name, d in diffs.items()))
 
 
 if __name__ == "__main__":
   flags.DEFINE_integer("batch", 128, "Batch size.")
-  flags.DEFINE_integer("repeats", 10, "Timed steps.")
+  flags.DEFINE_integer("repeats", 5, "Timed steps per round.")
+  flags.DEFINE_integer("rounds", 3, "Interleaved rounds.")
   app.run(main)

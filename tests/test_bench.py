@@ -2,8 +2,11 @@
 
 import pytest
 
+import fgr_tf
+from bench import attacks
 from bench import batch_norm
 from bench import conv
+from bench import flop_bound
 from bench import profile_ops
 from bench import steps
 from helpers import float32_tolerance
@@ -52,12 +55,25 @@ def test_profile_ops_groups_by_layer(tmp_path):
   assert {"conv0", "conv1"} <= set(times), sorted(times)
 
 
-def test_conv_bench_runs_and_both_forms_agree():
-  rows = conv.run([(2, 3, 4)], batch=2, repeats=1)
-  ((shape, onednn, matmul, diff),) = rows
-  assert shape == (2, 3, 4) and min(onednn + matmul) > 0
-  # diff: as above, for the kernel's second-order gradient: the conv
-  # (3 * 3 * 3 terms), its input gradient (3 * 3 * 4), and back through
-  # both to the kernel (batch * h * w = 8).
-  bound = float32_tolerance(1.0, reduction=3 * 3 * 4, depth=4)
-  assert diff <= bound, (diff, bound)
+def test_conv_bench_runs_and_the_forms_agree():
+  rows = conv.run([(2, 3, 4), (4, 3, 4)], batch=2, repeats=1, rounds=1)
+  for shape, times, diffs in rows:
+    assert set(times) == {"conv2d", "im2col", "winograd"}
+    assert min(min(t) for t in times.values()) > 0
+    # diff: as above, for the kernel's second-order gradient: the conv
+    # (3 * 3 * 3 terms), its input gradient (3 * 3 * 4), and back through
+    # both to the kernel (batch * h * w <= 32).
+    bound = float32_tolerance(1.0, reduction=3 * 3 * 4, depth=4)
+    assert max(diffs.values()) <= bound, (shape, diffs, bound)
+
+
+def test_flop_bound_counts_vgg11_by_hand():
+  model = fgr_tf.backbones.build("vgg11", 10, (32, 32, 3))
+  # (pixels, C_in, C_out) of VGG-11's 3x3 convs at 32x32, then the classifier.
+  convs = [(1024, 3, 64), (256, 64, 128), (64, 128, 256), (64, 256, 256),
+           (16, 256, 512), (16, 512, 512), (4, 512, 512), (4, 512, 512)]
+  by_hand = sum(2 * p * 9 * i * o for p, i, o in convs) + 2 * 512 * 10
+  assert attacks.forward_flops(model) == by_hand
+  rates = flop_bound.bound_images_per_s(by_hand, 100.0)
+  assert rates["eval"] == 100e9 / by_hand
+  assert rates["fgr"] * 6 == rates["eval"] == rates["flow_pgd"] * 20
