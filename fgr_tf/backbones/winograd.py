@@ -9,8 +9,10 @@ transforms are additions (and halvings of the kernel, exact in binary), so
 the float32 error is that of the direct sum (tests/test_gemm_conv.py).
 
 The input and output transforms of all tiles are one matmul each with a
-constant [16 T, H W] / [H W, 16 T] matrix (T = H/2 * W/2 tiles), whose
-size grows with the map's square: so the form is for small maps
+constant [16 T, H W] / [H W, 16 T] matrix (T = H/2 * W/2 tiles) on the
+pixel-major map ([H W, B C]: the transposes touch the map, not the 4x
+larger tile domain); the matrices grow with the map's square, so the
+form is for small maps
 (`MAX_PIXELS`). Measured (`python -m bench.conv`, Xeon, batch 128,
 forward / first / second order, ms), VGG-11's 4x4x512->512 layer: 17.4 /
 38.9 / 92 against im2col's 31.0 / 66.9 / 158 and oneDNN's 42.7 / 84.1 /
@@ -73,34 +75,36 @@ def _output_matrix(height, width):
   return matrix.reshape(height * width, 16 * tiles_h * tiles_w)
 
 
+def _pixel_major(t):
+  """[B, H, W, C] -> [H * W, B * C]."""
+  pixels = t.shape[1] * t.shape[2]
+  t = tf.transpose(tf.reshape(t, [-1, pixels, t.shape[3]]), [1, 0, 2])
+  return tf.reshape(t, [pixels, -1])
+
+
 def _input_transform(x):
-  """[B, H, W, C] -> [16, B * T, C]: B^T d B of every tile."""
-  height, width, channels = x.shape[1], x.shape[2], x.shape[3]
-  matrix = tf.constant(_input_matrix(height, width), x.dtype)
-  tiles = tf.matmul(matrix, tf.reshape(x, [-1, height * width, channels]))
-  tiles = tf.reshape(tiles, [-1, 16, height * width // 4, channels])
-  return tf.reshape(tf.transpose(tiles, [1, 0, 2, 3]), [16, -1, channels])
+  """[B, H, W, C] -> [16, T * B, C]: B^T d B of every tile (rows ordered
+  tile-major, then image)."""
+  matrix = tf.constant(_input_matrix(x.shape[1], x.shape[2]), x.dtype)
+  return tf.reshape(tf.matmul(matrix, _pixel_major(x)), [16, -1, x.shape[3]])
 
 
 def _output_transform(m, batch, height, width):
-  """[16, B * T, C] -> [B, H, W, C]: A^T m A of every tile."""
+  """[16, T * B, C] -> [B, H, W, C]: A^T m A of every tile."""
   channels = m.shape[-1]
-  m = tf.transpose(tf.reshape(m, [16, batch, height * width // 4, channels]),
-                   [1, 0, 2, 3])
   y = tf.matmul(tf.constant(_output_matrix(height, width), m.dtype),
-                tf.reshape(m, [batch, -1, channels]))
+                tf.reshape(m, [16 * (height // 2) * (width // 2), -1]))
+  y = tf.transpose(tf.reshape(y, [height * width, batch, channels]),
+                   [1, 0, 2])
   return tf.reshape(y, [batch, height, width, channels])
 
 
 def _output_adjoint(dy):
-  """[B, H, W, C] -> [16, B * T, C]: A dy A^T per tile, the adjoint of
+  """[B, H, W, C] -> [16, T * B, C]: A dy A^T per tile, the adjoint of
   `_output_transform`."""
-  height, width, channels = dy.shape[1], dy.shape[2], dy.shape[3]
-  matrix = tf.constant(_output_matrix(height, width), dy.dtype)
-  tiles = tf.matmul(matrix, tf.reshape(dy, [-1, height * width, channels]),
-                    transpose_a=True)
-  tiles = tf.reshape(tiles, [-1, 16, height * width // 4, channels])
-  return tf.reshape(tf.transpose(tiles, [1, 0, 2, 3]), [16, -1, channels])
+  matrix = tf.constant(_output_matrix(dy.shape[1], dy.shape[2]), dy.dtype)
+  tiles = tf.matmul(matrix, _pixel_major(dy), transpose_a=True)
+  return tf.reshape(tiles, [16, -1, dy.shape[3]])
 
 
 def _kernel_transform(kernel):
