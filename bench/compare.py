@@ -48,25 +48,27 @@ def _last_json_line(text):
   return json.loads([l for l in text.splitlines() if l.startswith("{")][-1])
 
 
+def _run_bench_module(module, *args):
+  """The last JSON line printed by `python -m bench.<module> *args`, run
+  from the repository root in a fresh process."""
+  out = subprocess.run(
+      [sys.executable, "-m", f"bench.{module}", *args], cwd=ROOT,
+      check=True, capture_output=True, text=True,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")).stdout
+  return _last_json_line(out)
+
+
 def run_tf(batch, repeats, dtype="float32"):
   policy = "mixed_bfloat16" if dtype == "bfloat16" else dtype
-  out = subprocess.run(
-      [sys.executable, "-m", "bench.steps", "--model=vgg11",
-       f"--batch={batch}", f"--repeats={repeats}", "--json",
-       f"--dtype={policy}",
-       f"--modes={','.join(MODES)}"], cwd=ROOT, check=True,
-      capture_output=True, text=True,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")).stdout
-  return {m: r["median"] for m, r in _last_json_line(out)["results"].items()}
+  result = _run_bench_module(
+      "steps", "--model=vgg11", f"--batch={batch}", f"--repeats={repeats}",
+      "--json", f"--dtype={policy}", f"--modes={','.join(MODES)}")
+  return {m: r["median"] for m, r in result["results"].items()}
 
 
 def run_bound():
   """{mode: images/s at the FLOP bound} (`bench.flop_bound`)."""
-  out = subprocess.run(
-      [sys.executable, "-m", "bench.flop_bound", "--json"], cwd=ROOT,
-      check=True, capture_output=True, text=True,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")).stdout
-  return _last_json_line(out)["images_per_s"]
+  return _run_bench_module("flop_bound", "--json")["images_per_s"]
 
 
 def run_torch(python, batch, repeats, threads, dtype="float32",

@@ -32,6 +32,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 from bench import attacks  # noqa: E402
+import fgr_tf  # noqa: E402
 
 WORK = {"eval": 1, "plain": 3, "fgr": 6, "flow_pgd": 20}
 
@@ -44,7 +45,6 @@ def bound_images_per_s(forward_flops, gflops):
 
 def measure():
   """(forward FLOPs per image of VGG-11 at 32x32x3, matmul GFLOP/s)."""
-  import fgr_tf  # pylint: disable=g-import-not-at-top
   model = fgr_tf.backbones.build("vgg11", 10, (32, 32, 3))
   return attacks.forward_flops(model), attacks.matmul_gflops()
 
