@@ -22,6 +22,7 @@ numbers as differentiating through `dense_image_warp` (tested).
 
 import tensorflow as tf
 
+from fgr_tf import cross_entropy
 from fgr_tf import warp
 
 
@@ -31,11 +32,12 @@ def _accumulation_dtype(dtype):
 
 
 def sparse_ce_sum(logits, labels):
-  """Sum over the batch of the sparse softmax cross-entropy (float32/64)."""
+  """Sum over the batch of the sparse softmax cross-entropy (float32/64),
+  with derivatives that stay accurate on confident predictions
+  (`cross_entropy`)."""
   logits = tf.cast(logits, _accumulation_dtype(logits.dtype))
   labels = tf.cast(labels, tf.int32)
-  return tf.reduce_sum(
-      tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+  return tf.reduce_sum(cross_entropy.sparse_cross_entropy(logits, labels))
 
 
 def loss_and_input_gradient(model, images, labels, training=True,
