@@ -117,35 +117,45 @@ def _backward(dy, x, gamma, centred, rstd, count):
     sum_dy_centred = _channel_sum(dy * centred)
     dgamma = rstd * sum_dy_centred
     m2 = dgamma / count                                  # mean(dy x_hat)
-    gr = gamma * rstd
-    dx = gr * (dy_c - centred * (rstd * m2))
+    # dy - mean(dy) - x_hat mean(dy x_hat): dx / (g r), reused below.
+    inner = dy_c - centred * (rstd * m2)
+    dx = (gamma * rstd) * inner
 
     def grad(e, e_gamma=None, e_beta=None):
-      e_gamma = _zeros_if_none(e_gamma, gamma)
-      e_beta = _zeros_if_none(e_beta, gamma)
-      mean_e = _channel_sum(e) / count
-      e_c = e - mean_e
-      mean_e_xhat = rstd * _channel_sum(e * centred) / count
-
-      # k = e_gamma - gr mean(E x_hat): the coefficient of x_hat in d dy
-      # and of dy in G.
-      k = e_gamma - gr * mean_e_xhat
-      # d dy = gr (E - mean(E)) + k x_hat + e_beta
-      d_dy = gr * e_c + (centred * (k * rstd) + e_beta)
-
-      # r sum(E (dy - mean(dy) - x_hat mean(dy x_hat))): one sum, not a
-      # difference of sums (which would cancel).
-      d_gamma = rstd * _channel_sum(e * (dy_c - centred * (rstd * m2)))
-
-      # G = alpha E + k dy (d/d x_hat); R = g d_gamma / r (d/d r);
-      # G - mean(G) = alpha (E - mean(E)) + k (dy - mean(dy)).
-      alpha = -gr * m2
-      mean_g_xhat = alpha * mean_e_xhat + k * m2
-      r_term = gamma * d_gamma / rstd
-      c_xhat = -rstd * mean_g_xhat - r_term * rstd * rstd / count
-      d_x = rstd * (alpha * e_c + k * dy_c) + centred * (c_xhat * rstd)
-      return d_dy, d_x, d_gamma
+      return _second_order(e, _zeros_if_none(e_gamma, gamma),
+                           _zeros_if_none(e_beta, gamma), dy_c, inner,
+                           centred, rstd, gamma, m2, count)
 
     return (dx, dgamma, dbeta), grad
 
   return backward(dy, x, gamma)
+
+
+def _second_order(e, e_gamma, e_beta, dy_c, inner, centred, rstd, gamma, m2,
+                  count):
+  """(d dy, d x, d gamma) of BatchNorm's backward for cotangents (e, e_gamma,
+  e_beta) of (dx, dgamma, dbeta): the formulas of the module docstring."""
+  gr = gamma * rstd
+  mean_e = _channel_sum(e) / count
+  e_c = e - mean_e
+  mean_e_xhat = rstd * _channel_sum(e * centred) / count
+
+  # k = e_gamma - gr mean(E x_hat): the coefficient of x_hat in d dy
+  # and of dy in G.
+  k = e_gamma - gr * mean_e_xhat
+  # d dy = gr (E - mean(E)) + k x_hat + e_beta
+  d_dy = gr * e_c + (centred * (k * rstd) + e_beta)
+
+  # r sum(E (dy - mean(dy) - x_hat mean(dy x_hat))): one sum, not a
+  # difference of sums (which would cancel).
+  d_gamma = rstd * _channel_sum(e * inner)
+
+  # G = alpha E + k dy (d/d x_hat); R = g d_gamma / r (d/d r);
+  # G - mean(G) = alpha (E - mean(E)) + k (dy - mean(dy)).
+  alpha = -gr * m2
+  mean_g_xhat = alpha * mean_e_xhat + k * m2
+  r_term = gamma * d_gamma / rstd
+  c_xhat = -rstd * mean_g_xhat - r_term * rstd * rstd / count
+  d_x = (rstd * alpha) * e_c + (rstd * k) * dy_c + centred * (c_xhat * rstd)
+  return d_dy, d_x, d_gamma
+
