@@ -123,7 +123,7 @@ def test_winograd_takes_even_float_maps_only(monkeypatch):
   assert not batch_matmuls(gemm_conv.Conv2D(8, 3, padding="same"),
                            (3, 5, 3))  # odd: im2col
   assert not batch_matmuls(gemm_conv.Conv2D(8, 3, padding="same"),
-                           (2, 2, 3))  # dense form
+                           (2, 2, 3))  # tap blocks
   assert not batch_matmuls(
       gemm_conv.Conv2D(8, 3, padding="same", dtype="mixed_bfloat16"),
       (4, 4, 3))

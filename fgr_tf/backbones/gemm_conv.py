@@ -4,20 +4,23 @@ On CPU, oneDNN's convolution kernels are slow on tiny feature maps with
 many channels: a VGG-11 3x3 conv on 2x2x512 ran at ~1/4 of the FLOP rate
 of the same network's 16x16 layers (`bench.profile_ops`). The same sum as
 matmuls, which run such shapes near the machine's peak:
-  - maps of at most `DENSE_MAX_PIXELS` pixels: one dense matrix built from
-    the kernel (no padding products, no gathering);
+  - maps of at most `SMALL_MAX_PIXELS` pixels: per kernel tap, one matmul
+    of the pixels it joins by its [C_in, C_out] block (no padding
+    products, no copies of the kernel);
   - other even-sized maps in float32/float64: Winograd's F(2x2, 3x3)
     (`winograd.py`, 2.25x fewer multiplies);
   - otherwise "im2col": 9 shifted slices of the zero-padded input times
     the [9 * C_in, C_out] kernel.
 
-Gradients (hand-written, so that no slow "col2im" appears on the FGR path):
+Gradients of im2col and Winograd (hand-written, so that no slow "col2im"
+appears on the FGR path):
   d x      = the same 3x3 convolution of dy with the kernel flipped in space
              and transposed (in <-> out channels), again as matmuls;
-  d kernel = im2col(x)^T dy (dense form / Winograd: their own adjoints).
+  d kernel = im2col(x)^T dy (Winograd: through its transforms' adjoints).
 Both are differentiable TF ops (d x calls this function again), so second
-derivatives are exact; tests compare values, first and second derivatives
-with `tf.nn.conv2d`.
+derivatives are exact; the small-map form is plain matmuls, differentiated
+by TF. Tests compare values, first and second derivatives with
+`tf.nn.conv2d`.
 """
 
 import os
@@ -38,66 +41,51 @@ def _im2col(x):
   return tf.reshape(patches, [-1, 9 * x.shape[3]])
 
 
-# Maps of at most this many pixels take the dense form (below): a 2x2 map
-# multiplies 4 * 4 = 16 (pixel, pixel) blocks where im2col multiplies
-# 4 * 9 = 36 (20 of them padding), and needs no im2col at all; at 4x4 the
-# dense form would multiply 256 blocks against 144. Measured on VGG-11's
-# 2x2x512 layer, batch 128 (Xeon; forward / first / second order): 6.4 /
-# 18.6 / 43 ms against im2col's 8.9 / 20.7 / 48 with AVX-512, 8.9 / 23 / 57
-# against 14.3 / 30.7 / 77 with ONEDNN_MAX_CPU_ISA=AVX2.
-DENSE_MAX_PIXELS = 4
+# Maps of at most this many pixels take `_conv3x3_small`: a 2x2 map
+# multiplies 4 * 4 = 16 (pixel, tap) blocks where im2col multiplies 4 * 9
+# = 36 (20 of them padding); at 4x4 the two are level (144 blocks) and
+# Winograd multiplies 64. Measured on VGG-11's 2x2x512 layer, batch 128
+# (Xeon, AVX-512; forward / first / second order, ms, interleaved, with
+# another job running): 7.2 / 17.2 / 39.5 against 12.6 / 29.9 / 80.7 for
+# the previous form (one dense [4 C_in, 4 C_out] matrix gathered from the
+# kernel: its gather, transposes and segment sums cost more than its
+# products) and 46.9 / 82.3 / 230 for oneDNN's conv2d.
+SMALL_MAX_PIXELS = 4
 
 
-def _taps(height, width):
-  """[H*W (input pixel q), H*W (output pixel p)] int: the kernel tap (row *
-  3 + column) joining q to p in a 3x3 "same" convolution, 9 where none."""
-  taps = []
-  for k in range(height):
-    for l in range(width):
-      row = []
-      for i in range(height):
-        for j in range(width):
-          di, dj = k - i + 1, l - j + 1
-          row.append(di * 3 + dj if 0 <= di < 3 and 0 <= dj < 3 else 9)
-      taps.append(row)
-  return taps
-
-
-def _dense_kernel(kernel, height, width):
-  """[3, 3, C_in, C_out] -> [H * W * C_in, H * W * C_out]: the 3x3 "same"
-  convolution on an H x W map as one matrix (rows: input pixel, channel;
-  columns: output pixel, channel)."""
-  in_channels, out_channels = kernel.shape[2], kernel.shape[3]
-  pixels = height * width
-  taps = tf.concat([tf.reshape(kernel, [9, in_channels, out_channels]),
-                    tf.zeros([1, in_channels, out_channels], kernel.dtype)],
-                   axis=0)
-  blocks = tf.gather(taps, _taps(height, width))  # [q, p, C_in, C_out]
-  return tf.reshape(tf.transpose(blocks, [0, 2, 1, 3]),
-                    [pixels * in_channels, pixels * out_channels])
-
-
-def _dense_kernel_gradient(x, dy, height, width):
-  """d sum(dy * conv(x, kernel)) / d kernel for the dense form: x^T dy,
-  its (q, p) blocks summed into the kernel taps that join them."""
-  in_channels, out_channels = x.shape[3], dy.shape[3]
-  pixels = height * width
-  products = tf.matmul(tf.reshape(x, [-1, pixels * in_channels]),
-                       tf.reshape(dy, [-1, pixels * out_channels]),
-                       transpose_a=True)
-  blocks = tf.transpose(
-      tf.reshape(products, [pixels, in_channels, pixels, out_channels]),
-      [0, 2, 1, 3])
-  summed = tf.math.unsorted_segment_sum(
-      tf.reshape(blocks, [pixels * pixels, in_channels, out_channels]),
-      tf.reshape(_taps(height, width), [-1]), num_segments=10)
-  return tf.reshape(summed[:9], [3, 3, in_channels, out_channels])
+def _conv3x3_small(x, kernel):
+  """`conv3x3_same` on a map of at most `SMALL_MAX_PIXELS` pixels: for each
+  kernel tap, one matmul of the input pixels it reads (the (input, output)
+  pixel pairs it joins, stacked on the batch axis) by that tap's
+  [C_in, C_out] block; each output pixel sums its blocks. No padding
+  products, no copies of the kernel; plain differentiable ops (unstack,
+  concat, matmul, split, add), so TF's autodiff gives exact first and
+  second derivatives (d x, d kernel: matmuls by the same blocks)."""
+  height, width, in_channels = x.shape[1], x.shape[2], x.shape[3]
+  out_channels = kernel.shape[3]
+  pixels = tf.unstack(tf.reshape(x, [-1, height * width, in_channels]),
+                      axis=1)                               # [B, C_in] each
+  taps = tf.unstack(tf.reshape(kernel, [9, in_channels, out_channels]))
+  parts = [[] for _ in pixels]  # per output pixel, its [B, C_out] products
+  for tap, block in enumerate(taps):
+    di, dj = divmod(tap, 3)
+    pairs = [(i * width + j, (i + di - 1) * width + (j + dj - 1))
+             for i in range(height) for j in range(width)
+             if 0 <= i + di - 1 < height and 0 <= j + dj - 1 < width]
+    if not pairs:
+      continue
+    products = tf.matmul(tf.concat([pixels[q] for _, q in pairs], axis=0),
+                         block)
+    for (p, _), product in zip(pairs, tf.split(products, len(pairs))):
+      parts[p].append(product)
+  y = tf.stack([tf.add_n(p) for p in parts], axis=1)
+  return tf.reshape(y, [-1, height, width, out_channels])
 
 
 def conv3x3_same(x, kernel, use_winograd=True):
   """`tf.nn.conv2d(x, kernel, 1, "SAME")` for a 3x3 kernel, via matmuls:
-  on maps of at most `DENSE_MAX_PIXELS` pixels one dense matrix built from
-  the kernel; on other even-sized maps in float32 or float64 Winograd's
+  on maps of at most `SMALL_MAX_PIXELS` pixels by tap blocks
+  (`_conv3x3_small`); on other even-sized maps in float32 or float64 Winograd's
   F(2x2, 3x3) (`winograd.py`) unless `use_winograd` is False; else im2col.
   (In float16 / bfloat16 Winograd's transforms would add roundings that
   the direct sum, accumulated in float32 by the matmul, does not.)
@@ -111,33 +99,35 @@ def conv3x3_same(x, kernel, use_winograd=True):
     [B, H, W, C_out].
   """
   height, width = x.shape[1], x.shape[2]
-  if (use_winograd and height * width > DENSE_MAX_PIXELS and
+  if (use_winograd and height * width > SMALL_MAX_PIXELS and
       winograd.applies(height, width) and
       x.dtype in (tf.float32, tf.float64)):
     return winograd.conv3x3_same(x, kernel)
   return _conv3x3_matmul(x, kernel)
 
 
-@tf.custom_gradient
 def _conv3x3_matmul(x, kernel):
-  """`conv3x3_same` by a dense matrix (small maps) or im2col."""
+  """`conv3x3_same` by tap blocks (small maps) or im2col."""
+  if x.shape[1] * x.shape[2] <= SMALL_MAX_PIXELS:
+    return _conv3x3_small(x, kernel)
+  return _conv3x3_im2col(x, kernel)
+
+
+@tf.custom_gradient
+def _conv3x3_im2col(x, kernel):
+  """`conv3x3_same` by im2col."""
   height, width = x.shape[1], x.shape[2]
   out_channels = kernel.shape[3]
-  if height * width <= DENSE_MAX_PIXELS:
-    y = tf.matmul(tf.reshape(x, [-1, height * width * x.shape[3]]),
-                  _dense_kernel(kernel, height, width))
-    kernel_gradient = lambda dy: _dense_kernel_gradient(x, dy, height, width)
-  else:
-    cols = _im2col(x)
-    y = tf.matmul(cols, tf.reshape(kernel, [-1, out_channels]))
-    kernel_gradient = lambda dy: tf.reshape(
-        tf.matmul(cols, tf.reshape(dy, [-1, out_channels]),
-                  transpose_a=True), tf.shape(kernel))
-  y = tf.reshape(y, [-1, height, width, out_channels])
+  cols = _im2col(x)
+  y = tf.reshape(tf.matmul(cols, tf.reshape(kernel, [-1, out_channels])),
+                 [-1, height, width, out_channels])
 
   def grad(dy):
-    dx = _conv3x3_matmul(dy, winograd.flip_and_transpose(kernel))
-    return dx, kernel_gradient(dy)
+    dx = _conv3x3_im2col(dy, winograd.flip_and_transpose(kernel))
+    kernel_gradient = tf.reshape(
+        tf.matmul(cols, tf.reshape(dy, [-1, out_channels]),
+                  transpose_a=True), tf.shape(kernel))
+    return dx, kernel_gradient
 
   return y, grad
 
@@ -169,7 +159,7 @@ class Conv2D(keras.layers.Conv2D):
   # environment variable FGR_TF_GEMM_MAX_PIXELS (0 = always oneDNN's
   # kernels) or by setting this attribute before the model is traced.
   GEMM_MAX_PIXELS = int(os.environ.get("FGR_TF_GEMM_MAX_PIXELS", "16"))
-  # Whether even-sized maps above DENSE_MAX_PIXELS take the Winograd form
+  # Whether even-sized maps above SMALL_MAX_PIXELS take the Winograd form
   # (else im2col); FGR_TF_WINOGRAD=0 turns it off.
   WINOGRAD = os.environ.get("FGR_TF_WINOGRAD", "1") != "0"
 
