@@ -110,7 +110,7 @@ def run_case(name, path, family, weights, batch, seed=0):
 def _mixed_precision_error(backbone, gradients, images, labels):
   grads, _ = gradients(images, labels)
   twin = exactness.float64_twin(backbone, replay_branches=False)
-  reference, _ = exactness.reference_gradients(twin, images, labels)
+  reference, _, _ = exactness.reference_gradients(twin, images, labels)
   names = [w.path for w in backbone.trainable_weights]
   errors, _ = exactness.relative_errors(grads, reference, names)
   worst = max(errors, key=errors.get)

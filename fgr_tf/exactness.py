@@ -78,10 +78,12 @@ def _probe(backbone):
                      [backbone.outputs[0]] + [l.input for l, _ in points])
 
 
-def _gradient_fn(model):
+def _gradient_fn(model, num_branches=None):
   """fn(images, labels, global_batch, fgr_lambda, igr_lambda) -> (gradients,
   branch inputs) of the objective, for a probe-like `model` returning
-  (logits, [extras])."""
+  (logits, [extras]). With `num_branches`, the extras after the first
+  `num_branches` are layer outputs whose cotangents (d objective / d output,
+  through every path) fn returns third."""
 
   def fn(images, labels, global_batch, fgr_lambda, igr_lambda):
     extras = []
@@ -103,7 +105,12 @@ def _gradient_fn(model):
                                                            global_batch)
       total = (ce + tf.cast(fgr_lambda, fgr.dtype) * fgr +
                tf.cast(igr_lambda, igr.dtype) * igr)
-    return tape.gradient(total, model.trainable_weights), extras
+    if num_branches is None:
+      return tape.gradient(total, model.trainable_weights), extras
+    weights = model.trainable_weights
+    both = tape.gradient(total, weights + extras[num_branches:])
+    return (both[:len(weights)], extras[:num_branches],
+            both[len(weights):])
 
   return fn
 
@@ -260,43 +267,67 @@ def reference_gradients(twin, images, labels, fgr_lambda=300.0,
   on the given branch decisions (None: float64's own).
 
   Returns:
-    (gradients, branch inputs), as `make_path`'s function.
+    (gradients, branch inputs, bias terms): the first two as `make_path`'s
+    function; bias terms {bias weight path: [C] float64}: for each layer
+    with a bias, sum over batch and pixels of |d objective / d its output|
+    per channel, the magnitude of the terms its bias gradient sums.
   """
   for layer in twin.layers:
     if isinstance(layer, _Replay):
       layer.decision = None if decisions is None else decisions[layer.name]
-  step = tf.function(_gradient_fn(_probe_twin(twin)))  # traced anew:
-  grads, extras = step(tf.cast(images, tf.float64),     # the decisions
-                       tf.cast(labels, tf.int32),       # are constants
-                       int(images.shape[0]),
-                       tf.constant(fgr_lambda, tf.float64),
-                       tf.constant(igr_lambda, tf.float64))
-  return ([g.numpy() for g in grads], [e.numpy() for e in extras])
+  probe, num_branches, biases = _probe_twin(twin)
+  step = tf.function(_gradient_fn(probe, num_branches))  # traced anew:
+  grads, extras, cotangents = step(                     # the decisions
+      tf.cast(images, tf.float64), tf.cast(labels, tf.int32),  # are
+      int(images.shape[0]), tf.constant(fgr_lambda, tf.float64),  # constants
+      tf.constant(igr_lambda, tf.float64))
+  terms = {}
+  for name, cotangent in zip(biases, cotangents):
+    cotangent = np.abs(cotangent.numpy())
+    terms[name] = cotangent.reshape(-1, cotangent.shape[-1]).sum(axis=0)
+  return ([g.numpy() for g in grads], [e.numpy() for e in extras], terms)
 
 
 def _probe_twin(twin):
+  """(probe returning (logits, [branch inputs] + [outputs of layers with a
+  bias]), number of branch inputs, [those layers' bias weight paths])."""
   points = [l for l in twin.layers if isinstance(l, _Replay)]
-  return keras.Model(twin.inputs, [twin.outputs[0]] + [l.input for l in points])
+  biased = [l for l in twin.layers
+            if getattr(l, "use_bias", False) and l.trainable]
+  probe = keras.Model(twin.inputs, [twin.outputs[0]] +
+                      [l.input for l in points] + [l.output for l in biased])
+  return probe, len(points), [l.bias.path for l in biased]
 
 
-def relative_errors(gradients, reference, names):
-  """({name: max |g - ref| / max |ref|}, {name: max |g| / G}) per tensor.
+def relative_errors(gradients, reference, names, bias_terms=None):
+  """({name: max |g - ref| / max |ref|}, {name: zero error}) per tensor.
 
   The second dict holds the tensors whose gradient is ZERO in exact
   arithmetic (max |ref| < 1e-6 G, G = the model's largest gradient entry):
   the bias of a convolution that BatchNorm follows (BatchNorm removes any
-  constant). A relative error means nothing there; what float32 computes
-  is the round-off of a sum of upstream gradients that cancels, reported
-  against G (it moves no prediction: BatchNorm removes the bias).
+  constant). A relative error means nothing there: float32 computes the
+  round-off of a sum of upstream cotangents that cancels. Its error is
+  reported against the magnitude of the terms it sums (tests/helpers.py's
+  convention for results that cancel): per channel, max |g_c - ref_c| /
+  sum over batch and pixels of |d objective / d layer output|_c, from
+  `bias_terms` (see `reference_gradients`); a BatchNorm that failed to
+  remove the constant would give O(1) there, round-off ~u sqrt(B H W).
+  Tensors without bias terms are reported against G.
   """
   overall = max(float(np.max(np.abs(r))) for r in reference)
+  bias_terms = bias_terms or {}
   errors, zeros = {}, {}
   for name, g, r in zip(names, gradients, reference):
     scale = float(np.max(np.abs(r)))
-    if scale < 1e-6 * overall:
-      zeros[name] = float(np.max(np.abs(g - r))) / overall
-    else:
+    if scale >= 1e-6 * overall:
       errors[name] = float(np.max(np.abs(g - r))) / scale
+    elif name in bias_terms:
+      terms = bias_terms[name]
+      # A channel no path reaches has exact zeros on both sides.
+      zeros[name] = float(np.max(np.abs(g - r) / np.where(
+          terms > 0, terms, overall)))
+    else:
+      zeros[name] = float(np.max(np.abs(g - r))) / overall
   return errors, zeros
 
 
@@ -315,8 +346,9 @@ def compare(backbone, gradients, images, labels, fgr_lambda=300.0,
     dict with "error" (worst relative error against the float64 run on the
     float32 run's branches: the implementation's error), "tensor" (where),
     "errors" (per tensor, on the same branches), "zero_error" (the worst
-    of the tensors whose exact gradient is zero, against the model's
-    largest gradient entry; see `relative_errors`), and with `own_branches`:
+    of the tensors whose exact gradient is zero, against the magnitude of
+    the terms their sums cancel; see `relative_errors`), and with
+    `own_branches`:
     "raw_error" (against float64's own branches) and "flips" (ReLU units
     and pool windows that took a different branch in float32).
   """
@@ -326,15 +358,15 @@ def compare(backbone, gradients, images, labels, fgr_lambda=300.0,
   twin = float64_twin(backbone)
   names = [w.path for w in backbone.trainable_weights]
   decisions32 = branch_decisions(backbone, extras)
-  same, _ = reference_gradients(twin, images, labels, fgr_lambda, igr_lambda,
-                                decisions32)
-  errors, zeros = relative_errors(grads, same, names)
+  same, _, bias_terms = reference_gradients(twin, images, labels, fgr_lambda,
+                                           igr_lambda, decisions32)
+  errors, zeros = relative_errors(grads, same, names, bias_terms)
   worst = max(errors, key=errors.get)
   result = {"error": errors[worst], "tensor": worst, "errors": errors,
             "zero_error": max(zeros.values(), default=0.0)}
   if own_branches:
-    own, own_extras = reference_gradients(twin, images, labels, fgr_lambda,
-                                          igr_lambda)
+    own, own_extras, _ = reference_gradients(twin, images, labels,
+                                             fgr_lambda, igr_lambda)
     decisions64 = branch_decisions(backbone, own_extras)
     flips = 0
     for layer, kind in branch_layers(backbone):

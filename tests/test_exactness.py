@@ -98,7 +98,7 @@ def test_fgr_gradients_equal_float64_on_every_path(name, path, family,
   assert result["error"] < TOLERANCE, result
   # Conv biases before BatchNorm: zero in exact arithmetic; float32 gives
   # the round-off of a cancelling sum of B * H * W upstream values. Same
-  # standard, against the model's largest gradient entry.
+  # standard, against the magnitude of those values (`relative_errors`).
   assert result["zero_error"] < TOLERANCE, result
 
 
@@ -118,3 +118,26 @@ def test_mixed_precision_gradients_point_the_float64_way():
     keras.mixed_precision.set_global_policy("float32")
   assert result["cosine"] > 0.95, result
   assert result["l2_error"] < 0.5, result
+
+
+def test_bias_terms_are_what_the_bias_gradients_sum():
+  """`reference_gradients`' bias terms are sums of |d objective / d layer
+  output|: with one image the dense layer's equal |its bias gradient|
+  (every path counted, second-order ones included); the conv bias that
+  BatchNorm follows has a zero gradient but non-zero terms, and its zero
+  error is measured against them."""
+  from helpers import tiny_backbone, tiny_data  # pylint: disable=g-import-not-at-top
+  backbone = tiny_backbone()
+  images, labels = tiny_data(n=1)
+  twin = exactness.float64_twin(backbone)
+  names = [w.path for w in backbone.trainable_weights]
+  reference, _, terms = exactness.reference_gradients(twin, images, labels)
+  dense = reference[names.index("dense/bias")]
+  np.testing.assert_allclose(terms["dense/bias"], np.abs(dense), rtol=1e-12)
+  conv = reference[names.index("conv0/bias")]
+  assert np.all(terms["conv0/bias"] > 1e6 * np.abs(conv)), (terms, conv)
+  # A conv bias gradient off by 1e-3 of its terms reads as 1e-3.
+  wrong = [g.copy() for g in reference]
+  wrong[names.index("conv0/bias")] += 1e-3 * terms["conv0/bias"]
+  _, zeros = exactness.relative_errors(wrong, reference, names, terms)
+  assert zeros["conv0/bias"] == pytest.approx(1e-3, rel=1e-6)
