@@ -25,9 +25,10 @@ every entry):
                                                     <p, d> sums only the
                                                     small p_j, j != m)
 
-(both exact identities, as sum(p) = 1). Third
-derivatives fall back to autodiff of these formulas (nothing in fgr_tf
-needs them).
+(both exact identities, as sum(p) = 1). Third derivatives fall back to
+autodiff of these formulas (nothing in fgr_tf needs them). Tested against
+TF's values in float64 and for float32 accuracy on confident logits
+(tests/test_cross_entropy.py).
 """
 
 import tensorflow as tf

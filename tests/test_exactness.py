@@ -29,6 +29,7 @@ from fgr_tf.backbones import batch_norm
 from fgr_tf.backbones import gemm_conv
 from fgr_tf.backbones import pooling
 from conftest import load_npz
+from helpers import tiny_backbone, tiny_data
 
 TOLERANCE = 1e-4
 SHAPES = {"small_cnn": (28, 28, 1), "resnet18": (16, 16, 3)}
@@ -126,7 +127,6 @@ def test_bias_terms_are_what_the_bias_gradients_sum():
   (every path counted, second-order ones included); the conv bias that
   BatchNorm follows has a zero gradient but non-zero terms, and its zero
   error is measured against them."""
-  from helpers import tiny_backbone, tiny_data  # pylint: disable=g-import-not-at-top
   backbone = tiny_backbone()
   images, labels = tiny_data(n=1)
   twin = exactness.float64_twin(backbone)

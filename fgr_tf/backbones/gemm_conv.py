@@ -85,8 +85,9 @@ def _conv3x3_small(x, kernel):
 def conv3x3_same(x, kernel, use_winograd=True):
   """`tf.nn.conv2d(x, kernel, 1, "SAME")` for a 3x3 kernel, via matmuls:
   on maps of at most `SMALL_MAX_PIXELS` pixels by tap blocks
-  (`_conv3x3_small`); on other even-sized maps in float32 or float64 Winograd's
-  F(2x2, 3x3) (`winograd.py`) unless `use_winograd` is False; else im2col.
+  (`_conv3x3_small`); on other even-sized maps in float32 or float64 by
+  Winograd's F(2x2, 3x3) (`winograd.py`) unless `use_winograd` is False;
+  else by im2col.
   (In float16 / bfloat16 Winograd's transforms would add roundings that
   the direct sum, accumulated in float32 by the matmul, does not.)
 

@@ -158,4 +158,3 @@ def _second_order(e, e_gamma, e_beta, dy_c, inner, centred, rstd, gamma, m2,
   c_xhat = -rstd * mean_g_xhat - r_term * rstd * rstd / count
   d_x = (rstd * alpha) * e_c + (rstd * k) * dy_c + centred * (c_xhat * rstd)
   return d_dy, d_x, d_gamma
-
