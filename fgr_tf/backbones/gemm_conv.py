@@ -151,14 +151,16 @@ class Conv2D(keras.layers.Conv2D):
   `conv3x3_same`; every other call is Keras's. Same weights and config."""
 
   # Measured (`python -m bench.conv`, Xeon, FGR's second-order step, ms,
-  # 2026-11-26): with AVX-512 the matmul forms take 39.5 (dense) against
-  # oneDNN's 138 at 2x2x512, 92 / 53 (Winograd) against 209 / 104 at
-  # 4x4x512 / 4x4x256->512; with ONEDNN_MAX_CPU_ISA=AVX2 51 vs 176 at
-  # 2x2, 149 / 77 vs 280 / 137 at 4x4. At 8x8 oneDNN is level or faster
-  # on both (Winograd 125 vs 122 AVX-512, 191 vs 209 AVX2 at 256 channels;
-  # 75 vs 62 and 117 vs 105 at 128). Force either path with the
-  # environment variable FGR_TF_GEMM_MAX_PIXELS (0 = always oneDNN's
-  # kernels) or by setting this attribute before the model is traced.
+  # commit 17f21c0, docs/PERFORMANCE.md): with AVX-512 the matmul forms
+  # take 31 (tap blocks) against oneDNN's 152 at 2x2x512, 102 / 55
+  # (Winograd) against 215 / 107 at 4x4x512 / 4x4x256->512; with
+  # ONEDNN_MAX_CPU_ISA=AVX2 42 vs 169 at 2x2, 161 / 87 vs 280 / 144 at
+  # 4x4. At 8x8 neither wins on both ISAs and both channel counts
+  # (Winograd 133 vs 144 AVX-512, 203 vs 225 AVX2 at 256 channels; 81 vs
+  # 73 and 124 vs 112 at 128), so oneDNN keeps them. Force either path
+  # with the environment variable FGR_TF_GEMM_MAX_PIXELS (0 = always
+  # oneDNN's kernels) or by setting this attribute before the model is
+  # traced.
   GEMM_MAX_PIXELS = int(os.environ.get("FGR_TF_GEMM_MAX_PIXELS", "16"))
   # Whether even-sized maps above SMALL_MAX_PIXELS take the Winograd form
   # (else im2col); FGR_TF_WINOGRAD=0 turns it off.
