@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fgr_tf.backbones import chunked_conv
 from fgr_tf.backbones import gemm_conv
 from helpers import UBF16, assert_close_float32
 
@@ -130,55 +129,3 @@ def test_winograd_takes_even_float_maps_only(monkeypatch):
       (4, 4, 3))
   monkeypatch.setattr(gemm_conv.Conv2D, "WINOGRAD", False)
   assert not batch_matmuls(gemm_conv.Conv2D(8, 3, padding="same"), (4, 4, 3))
-
-
-@pytest.mark.parametrize("batch,kernel_size,strides,padding,dilations", [
-    (4, 3, (1, 1), "SAME", (1, 1)),   # whole chunks (static split)
-    (5, 3, (1, 1), "SAME", (1, 1)),   # ragged: zero-padded chunks
-    (5, 3, (2, 2), "SAME", (1, 1)),
-    (3, 1, (2, 2), "VALID", (1, 1)),
-    (5, 3, (1, 1), "VALID", (1, 1))])
-def test_chunked_conv_equals_conv2d_with_first_and_second_derivatives(
-    batch, kernel_size, strides, padding, dilations, monkeypatch):
-  # 2 images of 4x4 outputs per backward-weights call.
-  monkeypatch.setattr(chunked_conv, "MAX_POSITIONS", 32)
-  rng = np.random.default_rng(0)
-  shape = (batch, 8, 8, 3) if strides == (2, 2) else (batch, 4, 4, 3)
-  if padding == "VALID" and kernel_size == 3:
-    shape = (batch, 6, 6, 3)  # 4x4 outputs
-  x = tf.constant(rng.normal(size=shape))
-  kernel = tf.constant(rng.normal(size=(kernel_size, kernel_size, 3, 2)))
-
-  def conv2d(a, k):
-    return tf.nn.conv2d(a, k, strides, padding, dilations=dilations)
-
-  upstream = tf.constant(rng.normal(size=conv2d(x, kernel).shape))
-  ours = _derivatives(
-      lambda a, k: chunked_conv.conv2d(a, k, strides, padding, dilations),
-      x, kernel, upstream)
-  for name, a, b in zip(["y", "dx", "dkernel", "d2 kernel", "d2 x"], ours,
-                        _derivatives(conv2d, x, kernel, upstream)):
-    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, err_msg=name)
-
-
-def test_chunked_conv_takes_a_dynamic_batch(monkeypatch):
-  monkeypatch.setattr(chunked_conv, "MAX_POSITIONS", 32)
-  layer = gemm_conv.Conv2D(2, 3, padding="same")  # 36 pixels: not a matmul
-  rng = np.random.default_rng(1)
-  x = tf.constant(rng.normal(size=(5, 6, 6, 3)).astype(np.float32))
-
-  @tf.function(input_signature=[tf.TensorSpec((None, 6, 6, 3))])
-  def kernel_gradient(images):
-    with tf.GradientTape() as tape:
-      loss = tf.reduce_sum(tf.square(layer(images)))
-    return tape.gradient(loss, layer.kernel)
-
-  graph = kernel_gradient.get_concrete_function().graph
-  assert any(op.type == "While" or op.type == "StatelessWhile"
-             for op in graph.get_operations())  # map_fn over chunks
-  with tf.GradientTape() as tape:
-    loss = tf.reduce_sum(tf.square(tf.nn.conv2d(x, layer.kernel, 1, "SAME")
-                                   + layer.bias))
-  expected = tape.gradient(loss, layer.kernel)
-  # float32: sums of 5 * 36 terms, 2 chained.
-  assert_close_float32(kernel_gradient(x), expected, reduction=180, depth=2)

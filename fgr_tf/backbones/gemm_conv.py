@@ -28,7 +28,6 @@ import os
 import keras
 import tensorflow as tf
 
-from fgr_tf.backbones import chunked_conv
 from fgr_tf.backbones import winograd
 
 
@@ -149,9 +148,7 @@ def applies(inputs_shape, kernel_size, strides, padding, dilation_rate,
 class Conv2D(keras.layers.Conv2D):
   """`keras.layers.Conv2D` that runs 3x3 stride-1 "same" convolutions on
   feature maps of at most `GEMM_MAX_PIXELS` pixels (static H * W) as
-  `conv3x3_same`, other float32 ones as TF's convolution with the kernel
-  gradient summed over batch chunks (`chunked_conv`), every other call as
-  Keras's. Same weights and config."""
+  `conv3x3_same`; every other call is Keras's. Same weights and config."""
 
   # Measured (`python -m bench.conv`, Xeon, FGR's second-order step, ms,
   # commit 17f21c0, docs/PERFORMANCE.md): with AVX-512 the matmul forms
@@ -175,9 +172,4 @@ class Conv2D(keras.layers.Conv2D):
                self.GEMM_MAX_PIXELS):
       return conv3x3_same(inputs, tf.convert_to_tensor(kernel),
                           self.WINOGRAD)
-    kernel = tf.convert_to_tensor(kernel)
-    if (self.groups == 1 and self.data_format == "channels_last" and
-        chunked_conv.applies(inputs, kernel, self.dilation_rate)):
-      return chunked_conv.conv2d(inputs, kernel, self.strides,
-                                 self.padding.upper(), self.dilation_rate)
     return super().convolution_op(inputs, kernel)
