@@ -10,9 +10,8 @@ from helpers import U32
 CLASSES = 10
 
 
-def _derivatives(fn, logits, labels, cotangent):
+def _tensors(fn, z, labels, cotangent):
   """(loss [B], gradient s [B, C], softmax Hessian times cotangent [B, C])."""
-  z = tf.constant(logits)
   with tf.GradientTape() as outer:
     outer.watch(z)
     with tf.GradientTape() as inner:
@@ -20,8 +19,14 @@ def _derivatives(fn, logits, labels, cotangent):
       loss = fn(z, labels)
       total = tf.reduce_sum(loss)
     s = inner.gradient(total, z)
-    product = tf.reduce_sum(s * tf.constant(cotangent))
-  return loss.numpy(), s.numpy(), outer.gradient(product, z).numpy()
+    product = tf.reduce_sum(s * cotangent)
+  return loss, s, outer.gradient(product, z)
+
+
+def _derivatives(fn, logits, labels, cotangent):
+  """`_tensors` eagerly, on arrays."""
+  return tuple(t.numpy() for t in _tensors(
+      fn, tf.constant(logits), labels, tf.constant(cotangent)))
 
 
 def _tf_ce(logits, labels):
@@ -113,18 +118,9 @@ def test_xla_gives_the_same_derivatives():
   loss, s, h = _derivatives(cross_entropy.sparse_cross_entropy, logits,
                             labels, g)
 
-  @tf.function(jit_compile=True)
-  def xla(z, y, c):
-    with tf.GradientTape() as outer:
-      outer.watch(z)
-      with tf.GradientTape() as inner:
-        inner.watch(z)
-        loss = cross_entropy.sparse_cross_entropy(z, y)
-        total = tf.reduce_sum(loss)
-      s = inner.gradient(total, z)
-      product = tf.reduce_sum(s * c)
-    return loss, s, outer.gradient(product, z)
-
+  xla = tf.function(
+      lambda z, y, c: _tensors(cross_entropy.sparse_cross_entropy, z, y, c),
+      jit_compile=True)
   loss_x, s_x, h_x = (t.numpy() for t in xla(
       tf.constant(logits), tf.constant(labels), tf.constant(g)))
   s_scale, h_scale = _term_scales(logits.astype(np.float64), labels,
