@@ -80,10 +80,10 @@ def _probe(backbone):
 
 def _gradient_fn(model, num_branches=None):
   """fn(images, labels, global_batch, fgr_lambda, igr_lambda) -> (gradients,
-  branch inputs) of the objective, for a probe-like `model` returning
-  (logits, [extras]). With `num_branches`, the extras after the first
-  `num_branches` are layer outputs whose cotangents (d objective / d output,
-  through every path) fn returns third."""
+  branch inputs, cotangents) of the objective, for a probe-like `model`
+  returning (logits, [extras]): the first `num_branches` extras (all when
+  None) are branch inputs, the others layer outputs whose cotangents
+  (d objective / d output, through every path) fn returns third."""
 
   def fn(images, labels, global_batch, fgr_lambda, igr_lambda):
     extras = []
@@ -105,12 +105,10 @@ def _gradient_fn(model, num_branches=None):
                                                            global_batch)
       total = (ce + tf.cast(fgr_lambda, fgr.dtype) * fgr +
                tf.cast(igr_lambda, igr.dtype) * igr)
-    if num_branches is None:
-      return tape.gradient(total, model.trainable_weights), extras
+    branches = len(extras) if num_branches is None else num_branches
     weights = model.trainable_weights
-    both = tape.gradient(total, weights + extras[num_branches:])
-    return (both[:len(weights)], extras[:num_branches],
-            both[len(weights):])
+    both = tape.gradient(total, weights + extras[branches:])
+    return both[:len(weights)], extras[:branches], both[len(weights):]
 
   return fn
 
@@ -153,7 +151,7 @@ def make_path(backbone, jit_compile=False, strategy=None):
     lambdas = (tf.constant(fgr_lambda, tf.float32),
                tf.constant(igr_lambda, tf.float32))
     if strategy is None:
-      grads, extras = compiled(images, labels, batch, *lambdas)
+      grads, extras, _ = compiled(images, labels, batch, *lambdas)
       return ([np.asarray(g, np.float64) for g in grads],
               [np.asarray(e, np.float64) for e in extras])
     replicas = strategy.num_replicas_in_sync
@@ -167,7 +165,7 @@ def make_path(backbone, jit_compile=False, strategy=None):
       return images[start:start + share], labels[start:start + share]
 
     inputs = strategy.experimental_distribute_values_from_function(split)
-    grads, extras = compiled(inputs, batch, *lambdas)
+    grads, extras, _ = compiled(inputs, batch, *lambdas)
     local = strategy.experimental_local_results
     return ([np.sum([np.asarray(v, np.float64) for v in local(g)], axis=0)
              for g in grads],
