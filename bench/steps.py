@@ -7,7 +7,8 @@ prints images/s (median and best over --repeats timed steps, after --warmup
 steps) for each mode, and the FGR/plain time ratio from the same run.
 Modes: plain, fgr (lambda 300, random start 0.01), igr, at (flow-PGD
 adversarial training, 10 steps), fgr_at (both), flow_pgd (the attack, 10
-steps, per image attacked), eval (inference forward), and fit_plain /
+steps, per image attacked), eval (inference forward, BatchNorms folded:
+`fgr_tf.backbones.inference_function`), and fit_plain /
 fit_fgr (`model.fit` over the CIFAR input pipeline of `fgr_tf.data`, with
 augmentation: includes data loading and callbacks; one epoch of --repeats
 steps after a warm-up epoch). The JSON output (--json) also holds the
@@ -85,7 +86,9 @@ def time_fit(mode, backbone, batch, repeats, warmup):
 def make_step(mode, backbone, images, labels, jit_compile):
   """A no-argument callable that runs one step of `mode` to completion."""
   if mode == "eval":
-    forward = tf.function(lambda x: backbone(x, training=False),
+    # The library's inference path (evaluation, attacks, FGRModel.predict,
+    # export): BatchNorms folded into their convolutions.
+    forward = tf.function(fgr_tf.backbones.inference_function(backbone),
                           jit_compile=jit_compile)
     step = lambda: forward(images).numpy()
   elif mode == "flow_pgd":

@@ -10,6 +10,7 @@ import tensorflow as tf
 from fgr_tf import attacks as attacks_lib
 from fgr_tf import errors
 from fgr_tf import validation
+from fgr_tf.backbones import folding
 
 # Deformation budgets (T-norm, pixels) at which minimal attacks report
 # robust accuracy.
@@ -127,7 +128,7 @@ def evaluate(model, data, attacks, batch_size=256, max_examples=None,
                                        batch=images.shape[0])
     images = tf.cast(images, tf.float32)
     labels = tf.cast(labels, tf.int32)
-    logits = model(images, training=False)
+    logits = folding.inference_function(model)(images)
     correct = (np.argmax(logits, -1) == labels.numpy())
     correct_all.append(correct)
     for attack in attack_list:
@@ -174,7 +175,8 @@ def gallery(model, images, labels, attacks):
   images = tf.cast(images, tf.float32)
   labels = tf.cast(labels, tf.int32)
   out = {"images": images.numpy(), "labels": labels.numpy(),
-         "predictions": np.argmax(model(images, training=False), -1)}
+         "predictions": np.argmax(
+             folding.inference_function(model)(images), -1)}
   for attack in attacks_lib.resolve(attacks):
     result = attack(model, images, labels)
     out[f"{attack.label}/adv_images"] = result.adv_images.numpy()

@@ -28,10 +28,12 @@ import tensorflow as tf
 
 from fgr_tf import errors
 from fgr_tf import validation
+from fgr_tf.backbones import folding
 
 
 def _predict(backbone, images):
-  logits = tf.cast(backbone(images, training=False), tf.float32)
+  logits = tf.cast(folding.inference_function(backbone)(images),
+                   tf.float32)
   return {"probabilities": tf.nn.softmax(logits),
           "classes": tf.argmax(logits, axis=-1, output_type=tf.int32)}
 

@@ -11,6 +11,7 @@ from fgr_tf import errors
 from fgr_tf import regularizers
 from fgr_tf import validation
 from fgr_tf import warp
+from fgr_tf.backbones import folding
 
 _PENALTY_LOGS = ("ce", "fgr_penalty", "igr_penalty")
 
@@ -139,6 +140,9 @@ class FGRModel(keras.Model):
     self.built = True
 
   def call(self, inputs, training=False):
+    if training is False and not isinstance(inputs, keras.KerasTensor):
+      # predict / evaluate: BatchNorms folded into their convolutions.
+      return folding.inference_function(self.backbone)(inputs)
     return self.backbone(inputs, training=training)
 
   def compile(self, optimizer="rmsprop", loss=None, jit_compile="auto",

@@ -10,6 +10,7 @@ import tensorflow as tf
 from fgr_tf import errors
 from fgr_tf import validation
 from fgr_tf import warp
+from fgr_tf.backbones import folding
 
 KINDS = ("bounded", "minimal")
 
@@ -84,8 +85,9 @@ def stateless_seed(seed):
 
 
 def logits_of(model, images):
-  """Inference-mode logits in float32 (BatchNorm uses moving statistics)."""
-  return tf.cast(model(images, training=False), tf.float32)
+  """Inference-mode logits in float32 (BatchNorm uses moving statistics,
+  folded into the convolution before it: `folding.inference_function`)."""
+  return tf.cast(folding.inference_function(model)(images), tf.float32)
 
 
 def is_adversarial(logits, labels, target=None):

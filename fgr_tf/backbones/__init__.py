@@ -1,10 +1,14 @@
 """Backbones: `build(name, num_classes, input_shape)` -> logits keras.Model."""
 
 from fgr_tf import errors
+from fgr_tf.backbones import folding
 from fgr_tf.backbones import layers
 from fgr_tf.backbones import resnet
 from fgr_tf.backbones import small_cnn as small_cnn_lib
 from fgr_tf.backbones import vgg as vgg_lib
+
+# `images -> model(images, training=False)` with BatchNorms folded.
+inference_function = folding.inference_function
 
 NAMES = ("vgg11", "vgg13", "vgg16", "vgg19", "resnet18", "small_cnn")
 

@@ -1,0 +1,149 @@
+"""BatchNorm folding (`fgr_tf.backbones.folding`): the same inference function
+as the model's own, on every backbone, following its weights."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import fgr_tf
+from fgr_tf.backbones import folding
+from tests.helpers import assert_close_float32
+from tests.helpers import tiny_backbone
+
+# (name, input shape, foldable pairs, longest conv reduction, layers deep).
+BACKBONES = [("vgg11", (32, 32, 3), 8, 9 * 512, 9),
+             ("resnet18", (16, 16, 3), 20, 9 * 512, 19),
+             ("small_cnn", (12, 12, 1), 2, 9 * 32, 4)]
+
+
+def _with_trained_statistics(model, seed=0):
+  """Moving statistics, gammas, betas and conv biases away from their
+  initial values (fresh ones, mean 0, variance 1 and bias 0, would hide a
+  wrong fold)."""
+  rng = np.random.default_rng(seed)
+  for layer in model.layers:
+    if isinstance(layer, keras.layers.Conv2D) and layer.use_bias:
+      layer.bias.assign(rng.uniform(-0.5, 0.5, layer.bias.shape))
+    if isinstance(layer, keras.layers.BatchNormalization):
+      for variable, low, high in ((layer.moving_mean, -1, 1),
+                                  (layer.moving_variance, 0.2, 3),
+                                  (layer.gamma, 0.5, 1.5),
+                                  (layer.beta, -0.5, 0.5)):
+        variable.assign(rng.uniform(low, high, variable.shape))
+  return model
+
+
+def _float64_copy(model, name, shape):
+  copy = fgr_tf.backbones.build(name, 10, shape, dtype="float64")
+  copy.set_weights(model.get_weights())
+  return copy
+
+
+@pytest.mark.parametrize("name,shape,pairs,reduction,depth", BACKBONES)
+def test_folded_inference_equals_the_float64_model(name, shape, pairs,
+                                                   reduction, depth):
+  keras.utils.set_random_seed(0)
+  model = _with_trained_statistics(fgr_tf.backbones.build(name, 10, shape))
+  assert len(folding.foldable_pairs(model)) == pairs
+  images = np.random.default_rng(1).uniform(size=(4,) + shape)
+  folded = tf.function(folding.inference_function(model))
+  expected = _float64_copy(model, name, shape)(images, training=False)
+  actual = folded(tf.constant(images, tf.float32))
+  # One more rounding per layer (the scaled kernel and bias) than the
+  # unfolded float32 model: within the same bound.
+  assert_close_float32(actual.numpy(), expected.numpy(), reduction, depth)
+  # The float64 model folds too, and equals its unfolded self to float64
+  # rounding.
+  float64 = _float64_copy(model, name, shape)
+  np.testing.assert_allclose(
+      folding.inference_function(float64)(images).numpy(),
+      expected.numpy(), rtol=0, atol=1e-11 * np.abs(expected).max())
+
+
+def test_input_gradients_equal_the_unfolded_model():
+  """The attacks differentiate the folded function w.r.t. its input."""
+  name, shape, _, reduction, depth = BACKBONES[0]
+  keras.utils.set_random_seed(0)
+  model = _with_trained_statistics(fgr_tf.backbones.build(name, 10, shape))
+  float64 = _float64_copy(model, name, shape)
+  images = np.random.default_rng(2).uniform(size=(4,) + shape)
+
+  def input_gradient(function, dtype):
+    x = tf.constant(images, dtype)
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+          tf.constant([0, 1, 2, 3]), function(x)))
+    return tape.gradient(loss, x)
+
+  expected = input_gradient(lambda x: float64(x, training=False),
+                            tf.float64).numpy()
+  actual = tf.function(lambda: input_gradient(
+      folding.inference_function(model), tf.float32))().numpy()
+  assert_close_float32(actual, expected, reduction, 2 * depth)
+
+
+def test_the_folded_function_follows_the_weights():
+  model = _with_trained_statistics(tiny_backbone(size=8, channels=2))
+  folded = tf.function(folding.inference_function(model))
+  images = tf.random.stateless_uniform([3, 8, 8, 2], (0, 0))
+  before = folded(images).numpy()
+  bn = model.get_layer("bn0")
+  bn.moving_variance.assign(bn.moving_variance * 4.0)
+  model.get_layer("conv0").bias.assign(model.get_layer("conv0").bias + 1.0)
+  after = folded(images).numpy()
+  expected = model(images, training=False).numpy()
+  assert np.abs(after - before).max() > 1e-2
+  assert_close_float32(after, expected, 9 * 2, 3)
+
+
+def test_unknown_batch_size_and_large_kernels():
+  """A traced batch of None, and a layer whose kernel outnumbers its
+  output (the scale then multiplies the output)."""
+  inputs = keras.Input((2, 2, 64))
+  x = fgr_tf.backbones.layers.LayerFactory().conv(256, "conv")(inputs)
+  x = fgr_tf.backbones.layers.LayerFactory().batch_norm("bn")(x)
+  model = _with_trained_statistics(keras.Model(inputs, x))
+  folded = tf.function(folding.inference_function(model),
+                       input_signature=[tf.TensorSpec([None, 2, 2, 64])])
+  for batch in (1, 3):
+    images = tf.random.stateless_uniform([batch, 2, 2, 64], (batch, 0))
+    assert_close_float32(folded(images).numpy(),
+                         model(images, training=False).numpy(), 9 * 64, 2)
+
+
+def test_what_is_not_folded_runs_as_the_model():
+  """A convolution with an activation, or whose output is read twice, a
+  float16 policy, and models that are not functional: unfolded, same
+  outputs."""
+  inputs = keras.Input((6, 6, 2))
+  relu_conv = keras.layers.Conv2D(3, 3, padding="same", activation="relu")
+  shared = keras.layers.Conv2D(3, 3, padding="same")
+  a = keras.layers.BatchNormalization()(relu_conv(inputs))
+  s = shared(inputs)
+  b = keras.layers.Add()([keras.layers.BatchNormalization()(s), s])
+  model = _with_trained_statistics(keras.Model(inputs, [a, b]))
+  assert folding.foldable_pairs(model) == {}
+  images = tf.random.stateless_uniform([2, 6, 6, 2], (0, 1))
+  for actual, expected in zip(folding.inference_function(model)(images),
+                              model(images, training=False)):
+    np.testing.assert_array_equal(actual.numpy(), expected.numpy())
+
+  mixed = tiny_backbone(dtype="mixed_float16")
+  assert folding.foldable_pairs(mixed) == {}
+
+  def plain_function(images, training=None):
+    return images * 2.0
+  np.testing.assert_array_equal(
+      folding.inference_function(plain_function)(images).numpy(),
+      images.numpy() * 2.0)
+
+
+def test_fgr_model_predicts_with_the_folded_function():
+  backbone = _with_trained_statistics(tiny_backbone(size=8, channels=2))
+  model = fgr_tf.FGRModel(backbone, fgr_lambda=1.0)
+  images = tf.random.stateless_uniform([5, 8, 8, 2], (0, 2))
+  expected = backbone(images, training=False).numpy()
+  assert_close_float32(model.predict(images, verbose=0), expected, 18, 3)
+  assert getattr(backbone, folding._CACHE_ATTRIBUTE, None) is not None
