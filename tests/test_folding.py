@@ -147,3 +147,13 @@ def test_fgr_model_predicts_with_the_folded_function():
   expected = backbone(images, training=False).numpy()
   assert_close_float32(model.predict(images, verbose=0), expected, 18, 3)
   assert getattr(backbone, folding._CACHE_ATTRIBUTE, None) is not None
+
+
+def test_folding_can_be_turned_off(monkeypatch):
+  monkeypatch.setenv("FGR_TF_FOLD_BATCHNORM", "0")
+  model = _with_trained_statistics(tiny_backbone(size=8, channels=2))
+  assert len(folding.foldable_pairs(model)) == 1
+  images = tf.random.stateless_uniform([3, 8, 8, 2], (0, 3))
+  np.testing.assert_array_equal(
+      folding.inference_function(model)(images).numpy(),
+      model(images, training=False).numpy())

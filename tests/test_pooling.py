@@ -8,11 +8,11 @@ import tensorflow as tf
 from fgr_tf.backbones import pooling
 
 
-def _derivatives(pool, x, dy, w, jit):
-  """(pool(x), d<pool(x), dy>/dx, d<that, w>/d dy) in one function."""
+def _derivatives(pool, x, dy, w, jit, in_loop=False):
+  """(pool(x), d<pool(x), dy>/dx, d<that, w>/d dy) in one function; with
+  `in_loop` inside a `tf.while_loop` body (as the attacks run it)."""
 
-  @tf.function(jit_compile=jit)
-  def run(x, dy):
+  def derivatives(x, dy):
     with tf.GradientTape() as outer:
       outer.watch(dy)
       with tf.GradientTape() as inner:
@@ -21,6 +21,16 @@ def _derivatives(pool, x, dy, w, jit):
       dx = inner.gradient(y, x, dy)
       second = tf.reduce_sum(dx * w)
     return y, dx, outer.gradient(second, dy)
+
+  @tf.function(jit_compile=jit)
+  def run(x, dy):
+    if not in_loop:
+      return derivatives(x, dy)
+    zeros = tf.zeros_like(dy)
+    return tf.while_loop(
+        lambda i, *_: i < 1,
+        lambda i, *_: (i + 1,) + derivatives(x, dy),
+        (0, zeros, tf.zeros_like(x), zeros))[1:]
 
   return run(x, dy)
 
@@ -39,15 +49,19 @@ def _inputs(shape, near_ties):
 
 
 @pytest.mark.parametrize("jit", [False, True])
-@pytest.mark.parametrize("native_first", [True, False])
+@pytest.mark.parametrize("native_first,in_loop", [(True, False), (True, True),
+                                                  (False, False)])
 @pytest.mark.parametrize("shape,near_ties", [((3, 8, 8, 2), True),
                                              ((3, 7, 9, 2), False)])
-def test_both_derivatives_route_to_the_first_maximum(jit, native_first, shape,
+def test_both_derivatives_route_to_the_first_maximum(jit, native_first,
+                                                     in_loop, shape,
                                                      near_ties, monkeypatch):
+  """Graph and XLA; TF's MaxPoolGrad (CPU), the mask form (GPUs) and, in a
+  while loop, the mask form compiled by XLA (CPU)."""
   monkeypatch.setattr(pooling, "_native_first_derivative",
                       lambda: native_first)
   x, dy, w = _inputs(shape, near_ties)
-  y, dx, second = _derivatives(pooling.max_pool, x, dy, w, jit)
+  y, dx, second = _derivatives(pooling.max_pool, x, dy, w, jit, in_loop)
   np.testing.assert_array_equal(y, tf.nn.max_pool2d(x, 2, 2, "VALID"))
   # The first maximum of each window, in row-major order, by NumPy:
   xs = x.numpy()
@@ -83,3 +97,44 @@ def test_layer_keeps_keras_config_and_round_trips(tmp_path):
   assert not pooling.applies((2, 6, 6, 2), overlapping.pool_size,
                              overlapping.strides, overlapping.padding,
                              overlapping.data_format)
+
+
+@pytest.mark.parametrize("setting,op", [("xla", "XlaMustCompile"),
+                                        ("native", "MaxPoolGrad")])
+def test_first_derivative_in_while_loops(setting, op, monkeypatch):
+  """In a loop body on CPU the first derivative is the XLA-compiled mask
+  form (oneDNN's rewrite of MaxPoolGrad is order-dependent there), unless
+  FGR_TF_POOL_LOOP_GRADIENT says "native"; outside loops TF's MaxPoolGrad."""
+  monkeypatch.setattr(pooling, "LOOP_GRADIENT", setting)
+  monkeypatch.setattr(pooling, "_native_first_derivative", lambda: True)
+  x, dy, _ = _inputs((2, 4, 4, 1), False)
+
+  def body(i, total, x):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = pooling.max_pool(x)
+    return i + 1, total + tape.gradient(y, x, dy), x
+
+  def loop(x):
+    return tf.while_loop(lambda i, *_: i < 2, body,
+                         (0, tf.zeros_like(x), x))[1]
+
+  graph = tf.function(loop).get_concrete_function(x).graph.as_graph_def()
+  bodies = [f for f in graph.library.function
+            if any(n.op == "MaxPool" for n in f.node_def)]
+  assert len(bodies) == 1
+  ops = {n.op for n in bodies[0].node_def}
+  xla_calls = [n for n in bodies[0].node_def
+               if "_XlaMustCompile" in n.attr and
+               n.attr["_XlaMustCompile"].b]
+  assert ("MaxPoolGrad" in ops) == (op == "MaxPoolGrad")
+  assert bool(xla_calls) == (op == "XlaMustCompile")
+  outside = tf.function(lambda x: body(0, x, x)[1]).get_concrete_function(x)
+  assert "MaxPoolGrad" in {n.op for n in outside.graph.as_graph_def().node}
+  # Same numbers either way.
+  np.testing.assert_array_equal(tf.function(loop)(x),
+                                2 * tf.raw_ops.MaxPoolGrad(
+                                    orig_input=x, orig_output=tf.nn.max_pool2d(
+                                        x, 2, 2, "VALID"), grad=dy,
+                                    ksize=[1, 2, 2, 1], strides=[1, 2, 2, 1],
+                                    padding="VALID"))

@@ -18,8 +18,12 @@ are (convolution, BatchNorm) pairs of a functional model where the
 convolution feeds that BatchNorm only, has no activation, and both run in
 float32 or float64; everything else runs as the model's own layers.
 Models that are not functional Keras models, or Keras versions without the
-functional graph API used here, run unfolded.
+functional graph API used here, run unfolded; so does everything when the
+environment variable FGR_TF_FOLD_BATCHNORM is "0" (read when a model's
+function is first built).
 """
+
+import os
 
 from absl import logging
 import keras
@@ -54,6 +58,7 @@ def foldable_pairs(model):
     if (len(getattr(conv, "_inbound_nodes", ())) != 1 or
         len(getattr(conv, "_outbound_nodes", ())) != 1 or
         conv.activation not in (None, keras.activations.linear) or
+        getattr(conv, "quantization_mode", None) is not None or
         conv.data_format != "channels_last" or
         bn.axis not in (-1, 3) or getattr(bn, "renorm", False) or
         conv.compute_dtype not in _FLOAT_DTYPES or
@@ -134,7 +139,7 @@ def inference_function(model):
 
 def _build(model):
   pairs = foldable_pairs(model)
-  if not pairs:
+  if not pairs or os.environ.get("FGR_TF_FOLD_BATCHNORM", "1") == "0":
     return _unfolded(model)
   try:
     # pylint: disable-next=g-import-not-at-top

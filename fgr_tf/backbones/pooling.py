@@ -20,6 +20,8 @@ linear function of dy, so its own derivative (what FGR needs) picks the
 same elements on every execution path: graph, XLA, GPU.
 """
 
+import os
+
 import keras
 import tensorflow as tf
 
@@ -81,6 +83,37 @@ def _unpool(dy, mask, input_shape):
   return routed
 
 
+# How the first derivative is computed inside a `tf.while_loop` (the
+# attacks) on CPU: "xla" (default) or "native" (TF's MaxPoolGrad, as
+# outside loops). oneDNN's graph rewrite gives MaxPoolGrad its fast kernel
+# (which reads the argmax its forward MaxPool saved) only if it rewrote
+# that MaxPool first; in a lowered loop it visits nodes in a depth-first
+# order that the back edge can send into the backward pass before the
+# forward, and that order changes from one trace to the next. Measured on
+# VGG-11's 10-step flow-PGD (batch 128, Xeon): 0 to 5 of the 5 pools ran
+# TF's own kernel (24 ms against ~2.5 for [128, 32, 32, 64]; up to 11% of
+# the attack). `_unpool_by_xla` is the mask form as one XLA computation:
+# 3-5 ms, whatever the order. Force with FGR_TF_POOL_LOOP_GRADIENT.
+LOOP_GRADIENT = os.environ.get("FGR_TF_POOL_LOOP_GRADIENT", "xla")
+
+
+@tf.function(jit_compile=True)
+def _unpool_by_xla(x, y, dy, size):
+  """`_unpool(dy, first_max_mask(...))` compiled by XLA (on CPU a few
+  fused loops instead of ~15 full-size TF ops)."""
+  return _unpool(dy, first_max_mask(windows(x, size), y), x.shape)
+
+
+def _in_while_loop():
+  """Whether ops are being added to the body of a `tf.while_loop`."""
+  graph = tf.compat.v1.get_default_graph()
+  while graph is not None:
+    if type(graph).__name__ == "WhileBodyFuncGraph":
+      return True
+    graph = getattr(graph, "outer_graph", None)
+  return False
+
+
 def _native_first_derivative():
   """Whether TF's MaxPoolGrad may compute the first derivative.
 
@@ -116,12 +149,14 @@ def max_pool(x, size=(2, 2)):
 
     @tf.custom_gradient
     def first_derivative(dy):
-      if _native_first_derivative():
+      if not _native_first_derivative():
+        dx = _unpool(dy, mask(), x.shape)
+      elif LOOP_GRADIENT == "xla" and _in_while_loop():
+        dx = _unpool_by_xla(x, y, dy, size)
+      else:
         dx = tf.raw_ops.MaxPoolGrad(orig_input=x, orig_output=y, grad=dy,
                                     ksize=ksize, strides=ksize,
                                     padding="VALID")
-      else:
-        dx = _unpool(dy, mask(), x.shape)
 
       def second_derivative(e):  # linear in e: differentiable again
         return _pool_sum(e, mask())
