@@ -105,8 +105,13 @@ def _unpool_by_xla(x, y, dy, size):
 
 
 def _in_while_loop():
-  """Whether ops are being added to the body of a `tf.while_loop`."""
+  """Whether ops are being added to the body of a `tf.while_loop`, and not
+  to a loop body that `pfor` will vectorize (`tape.jacobian`, ADef): pfor
+  inlines the XLA function and cannot vectorize its 6-d broadcasts; it
+  traces its body under the name scope "loop_body"."""
   graph = tf.compat.v1.get_default_graph()
+  if "loop_body" in graph.get_name_scope().split("/"):
+    return False
   while graph is not None:
     if type(graph).__name__ == "WhileBodyFuncGraph":
       return True
