@@ -48,14 +48,14 @@ def test_folded_inference_equals_the_float64_model(name, shape, pairs,
   assert len(folding.foldable_pairs(model)) == pairs
   images = np.random.default_rng(1).uniform(size=(4,) + shape)
   folded = tf.function(folding.inference_function(model))
-  expected = _float64_copy(model, name, shape)(images, training=False)
+  float64 = _float64_copy(model, name, shape)
+  expected = float64(images, training=False)
   actual = folded(tf.constant(images, tf.float32))
   # One more rounding per layer (the scaled kernel and bias) than the
   # unfolded float32 model: within the same bound.
   assert_close_float32(actual.numpy(), expected.numpy(), reduction, depth)
   # The float64 model folds too, and equals its unfolded self to float64
   # rounding.
-  float64 = _float64_copy(model, name, shape)
   np.testing.assert_allclose(
       folding.inference_function(float64)(images).numpy(),
       expected.numpy(), rtol=0, atol=1e-11 * np.abs(expected).max())

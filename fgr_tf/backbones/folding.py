@@ -95,9 +95,8 @@ def _folded_conv(conv, bn):
     inputs = tf.cast(inputs, conv.compute_dtype)
     scale, shift = _scale_and_shift(conv, bn, inputs.dtype)
     kernel = tf.cast(tf.convert_to_tensor(conv.kernel), inputs.dtype)
-    outputs = 1
-    for d in conv.compute_output_shape(inputs.shape):
-      outputs = None if d is None or outputs is None else outputs * d
+    outputs = tf.TensorShape(
+        conv.compute_output_shape(inputs.shape)).num_elements()  # None: any
     if outputs is not None and outputs < kernel.shape.num_elements():
       y = conv.convolution_op(inputs, kernel) * scale
     else:
