@@ -1,0 +1,95 @@
+"""Inference-path switches, timed against each other over fresh traces.
+
+  python -m bench.inference_paths --switch=fold --modes=eval,flow_pgd
+  python -m bench.inference_paths --switch=pool_loop --modes=flow_pgd
+
+`--switch=fold`: BatchNorms folded into their convolutions
+(`fgr_tf.backbones.inference_function`) against unfolded
+(FGR_TF_FOLD_BATCHNORM=0). `--switch=pool_loop`: max pooling's first
+derivative inside loops by XLA (`pooling.LOOP_GRADIENT = "xla"`) against
+TF's MaxPoolGrad ("native"). Each of --traces rounds builds a fresh model
+per setting (so each gets its own trace: oneDNN's graph rewrites can
+differ between traces), runs one untimed call, then times --repeats calls
+and keeps the best; settings alternate within a round; --model, --batch,
+--image_size etc. are `bench.steps`' flags. Prints the ms per call of
+every trace and, per mode, the ratio of the mean times (off / on: > 1
+means the switch's default is faster). Modes are `bench.steps`' eval
+(one inference forward) and flow_pgd (the 10-step attack).
+"""
+
+import os
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+import fgr_tf  # noqa: E402
+from bench import steps  # noqa: E402
+from fgr_tf.backbones import pooling  # noqa: E402
+
+SWITCHES = {
+    # setting name -> function applying it before a model is built/traced.
+    "fold": {"on": lambda: os.environ.pop("FGR_TF_FOLD_BATCHNORM", None),
+             "off": lambda: os.environ.update(FGR_TF_FOLD_BATCHNORM="0")},
+    "pool_loop": {"on": lambda: setattr(pooling, "LOOP_GRADIENT", "xla"),
+                  "off": lambda: setattr(pooling, "LOOP_GRADIENT", "native")},
+}
+
+
+def run(switch, modes, model_name="vgg11", batch=128, size=32, channels=3,
+        classes=10, traces=3, calls=2):
+  """{mode: {"on": [ms per trace], "off": [...]}}."""
+  if switch not in SWITCHES:
+    raise ValueError(f"Unknown switch {switch!r}. Expected one of "
+                     f"{sorted(SWITCHES)}.")
+  images, labels = steps.synthetic_batch(batch, size, channels, classes)
+  times = {mode: {"on": [], "off": []} for mode in modes}
+  try:
+    for _ in range(traces):
+      for mode in modes:
+        for setting in ("on", "off"):
+          SWITCHES[switch][setting]()
+          backbone = fgr_tf.backbones.build(model_name, classes,
+                                            (size, size, channels))
+          step = steps.make_step(mode, backbone, images, labels,
+                                 jit_compile=False)
+          step()
+          best = float("inf")
+          for _ in range(calls):
+            start = time.perf_counter()
+            step()
+            best = min(best, time.perf_counter() - start)
+          times[mode][setting].append(best * 1e3)
+  finally:
+    SWITCHES[switch]["on"]()  # the defaults
+  return times
+
+
+def format_times(times):
+  lines = []
+  for mode, by_setting in times.items():
+    for setting, ms in by_setting.items():
+      lines.append(f"{mode:10s} {setting:4s} " +
+                   " ".join(f"{t:8.1f}" for t in ms) + " ms")
+    ratio = (statistics.mean(by_setting["off"]) /
+             statistics.mean(by_setting["on"]))
+    lines.append(f"{mode:10s} mean off / mean on: {ratio:.3f}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS  # model, batch, image_size, ... and modes: bench.steps'
+  print(format_times(run(f.switch, f.modes, f.model, f.batch, f.image_size,
+                         f.channels, f.classes, f.traces, f.repeats)))
+
+
+if __name__ == "__main__":
+  flags.DEFINE_enum("switch", "fold", sorted(SWITCHES), "What to compare.")
+  flags.DEFINE_integer("traces", 3, "Rounds (fresh models per setting).")
+  flags.FLAGS.set_default("modes", ["eval", "flow_pgd"])
+  flags.FLAGS.set_default("repeats", 2)  # timed calls per trace, best kept
+  app.run(main)
