@@ -9,9 +9,9 @@ from bench import attacks
 from bench import batch_norm
 from bench import conv
 from bench import flop_bound
-from bench import inference_paths
 from bench import profile_ops
 from bench import steps
+from bench import switches
 from helpers import float32_tolerance
 
 
@@ -30,15 +30,17 @@ def test_bench_rejects_unknown_mode():
     steps.run("small_cnn", 4, 8, 1, 3, 1, 1, ["fast"])
 
 
-@pytest.mark.parametrize("switch", sorted(inference_paths.SWITCHES))
-def test_inference_paths_bench_runs_and_restores_the_defaults(switch):
-  times = inference_paths.run(switch, ["eval", "flow_pgd"], "small_cnn",
-                              batch=2, size=8, channels=1, classes=3,
-                              traces=1, calls=1)
+@pytest.mark.parametrize("switch", sorted(switches.SWITCHES))
+def test_switches_bench_runs_and_restores_the_defaults(switch):
+  times = switches.run(switch, ["eval", "flow_pgd", "fgr"], "small_cnn",
+                       batch=2, size=8, channels=1, classes=3, traces=1,
+                       calls=1)
   assert all(len(ms) == 1 and ms[0] > 0 for by_setting in times.values()
              for ms in by_setting.values())
-  assert "mean off / mean on" in inference_paths.format_times(times)
+  assert "mean off / mean on" in switches.format_times(times)
   assert fgr_tf.backbones.pooling.LOOP_GRADIENT == "xla"
+  assert fgr_tf.backbones.pooling.SECOND_DERIVATIVE == "xla"
+  assert fgr_tf.backbones.train_batch_norm.ELEMENTWISE == "xla"
   assert "FGR_TF_FOLD_BATCHNORM" not in os.environ
 
 

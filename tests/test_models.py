@@ -8,6 +8,7 @@ import tensorflow as tf
 import fgr_tf
 from fgr_tf import regularizers
 from fgr_tf.backbones import batch_norm
+from fgr_tf.backbones import train_batch_norm
 from helpers import assert_close_float32
 
 
@@ -113,11 +114,15 @@ def test_fused_batchnorm_equals_the_unfused_path(monkeypatch):
       depth=2)
 
 
-def test_fused_batchnorm_second_derivatives_equal_the_float64_layer():
+@pytest.mark.parametrize("elementwise", ["xla", "ops"])
+def test_fused_batchnorm_second_derivatives_equal_the_float64_layer(
+    elementwise, monkeypatch):
   """The hand-written gradient of the fused backward pass, all cotangents:
   a penalty on the gradients w.r.t. the input AND gamma and beta,
   differentiated w.r.t. conv kernel, gamma and beta, float32 fused vs the
-  unfused float64 layer."""
+  unfused float64 layer; its elementwise passes compiled by XLA (default)
+  or as TF ops."""
+  monkeypatch.setattr(train_batch_norm, "ELEMENTWISE", elementwise)
   rng = np.random.default_rng(1)
   images = rng.uniform(size=(3, 5, 5, 2))
   upstream = rng.normal(size=(3, 5, 5, 4))

@@ -53,13 +53,17 @@ def _inputs(shape, near_ties):
                                                   (False, False)])
 @pytest.mark.parametrize("shape,near_ties", [((3, 8, 8, 2), True),
                                              ((3, 7, 9, 2), False)])
+@pytest.mark.parametrize("second_form", ["xla", "ops"])
 def test_both_derivatives_route_to_the_first_maximum(jit, native_first,
                                                      in_loop, shape,
-                                                     near_ties, monkeypatch):
+                                                     near_ties, second_form,
+                                                     monkeypatch):
   """Graph and XLA; TF's MaxPoolGrad (CPU), the mask form (GPUs) and, in a
-  while loop, the mask form compiled by XLA (CPU)."""
+  while loop, the mask form compiled by XLA (CPU); the second derivative
+  as one XLA computation or as TF ops."""
   monkeypatch.setattr(pooling, "_native_first_derivative",
                       lambda: native_first)
+  monkeypatch.setattr(pooling, "SECOND_DERIVATIVE", second_form)
   x, dy, w = _inputs(shape, near_ties)
   y, dx, second = _derivatives(pooling.max_pool, x, dy, w, jit, in_loop)
   np.testing.assert_array_equal(y, tf.nn.max_pool2d(x, 2, 2, "VALID"))
@@ -81,6 +85,31 @@ def test_both_derivatives_route_to_the_first_maximum(jit, native_first,
       shape[0], rows // 2, 2, cols // 2, 2, shape[3]).sum(axis=(2, 4))
   np.testing.assert_allclose(second, expected, rtol=1e-6, atol=1e-6)
   assert xs[0, 0, 0, 0] != 5.0 or dx[0, 0, 0, 0] != 0 and dx[0, 0, 1, 0] == 0
+
+
+@pytest.mark.parametrize("setting", ["xla", "ops"])
+def test_second_derivative_is_one_xla_computation(setting, monkeypatch):
+  """By default the second derivative is the XLA-compiled mask form: no
+  full-size comparisons in the graph (FGR_TF_POOL_SECOND_DERIVATIVE=ops:
+  the mask as TF ops)."""
+  monkeypatch.setattr(pooling, "SECOND_DERIVATIVE", setting)
+  x, dy, w = _inputs((2, 4, 4, 1), False)
+
+  def second(x, dy):
+    with tf.GradientTape() as outer:
+      outer.watch(dy)
+      with tf.GradientTape() as inner:
+        inner.watch(x)
+        y = pooling.max_pool(x)
+      second = tf.reduce_sum(inner.gradient(y, x, dy) * w)
+    return outer.gradient(second, dy)
+
+  graph = tf.function(second).get_concrete_function(x, dy).graph
+  nodes = graph.as_graph_def().node
+  xla_calls = [n for n in nodes if "_XlaMustCompile" in n.attr and
+               n.attr["_XlaMustCompile"].b]
+  assert bool(xla_calls) == (setting == "xla")
+  assert ("Equal" in {n.op for n in nodes}) == (setting == "ops")
 
 
 def test_layer_keeps_keras_config_and_round_trips(tmp_path):

@@ -1,20 +1,29 @@
-"""Inference-path switches, timed against each other over fresh traces.
+"""Path switches (each default against its alternative), timed against
+each other over fresh traces.
 
-  python -m bench.inference_paths --switch=fold --modes=eval,flow_pgd
-  python -m bench.inference_paths --switch=pool_loop --modes=flow_pgd
+  python -m bench.switches --switch=fold --modes=eval,flow_pgd
+  python -m bench.switches --switch=pool_loop --modes=flow_pgd
+  python -m bench.switches --switch=pool_second --modes=fgr
+  python -m bench.switches --switch=bn_second --modes=fgr,plain
 
 `--switch=fold`: BatchNorms folded into their convolutions
 (`fgr_tf.backbones.inference_function`) against unfolded
 (FGR_TF_FOLD_BATCHNORM=0). `--switch=pool_loop`: max pooling's first
 derivative inside loops by XLA (`pooling.LOOP_GRADIENT = "xla"`) against
-TF's MaxPoolGrad ("native"). Each of --traces rounds builds a fresh model
+TF's MaxPoolGrad ("native"). `--switch=pool_second`: max pooling's second
+derivative as one XLA computation (`pooling.SECOND_DERIVATIVE = "xla"`)
+against the mask as TF ops ("ops"). `--switch=bn_second`: train-mode
+BatchNorm's second-derivative elementwise passes by XLA
+(`train_batch_norm.ELEMENTWISE = "xla"`) against TF ops ("ops").
+Each of --traces rounds builds a fresh model
 per setting (so each gets its own trace: oneDNN's graph rewrites can
 differ between traces), runs one untimed call, then times --repeats calls
 and keeps the best; settings alternate within a round; --model, --batch,
 --image_size etc. are `bench.steps`' flags. Prints the ms per call of
 every trace and, per mode, the ratio of the mean times (off / on: > 1
-means the switch's default is faster). Modes are `bench.steps`' eval
-(one inference forward) and flow_pgd (the 10-step attack).
+means the switch's default is faster). Modes are `bench.steps`' (eval: one
+inference forward, flow_pgd: the 10-step attack, plain / fgr: training
+steps).
 """
 
 import os
@@ -29,6 +38,7 @@ from absl import flags  # noqa: E402
 import fgr_tf  # noqa: E402
 from bench import steps  # noqa: E402
 from fgr_tf.backbones import pooling  # noqa: E402
+from fgr_tf.backbones import train_batch_norm  # noqa: E402
 
 SWITCHES = {
     # setting name -> function applying it before a model is built/traced.
@@ -36,6 +46,12 @@ SWITCHES = {
              "off": lambda: os.environ.update(FGR_TF_FOLD_BATCHNORM="0")},
     "pool_loop": {"on": lambda: setattr(pooling, "LOOP_GRADIENT", "xla"),
                   "off": lambda: setattr(pooling, "LOOP_GRADIENT", "native")},
+    "pool_second": {
+        "on": lambda: setattr(pooling, "SECOND_DERIVATIVE", "xla"),
+        "off": lambda: setattr(pooling, "SECOND_DERIVATIVE", "ops")},
+    "bn_second": {
+        "on": lambda: setattr(train_batch_norm, "ELEMENTWISE", "xla"),
+        "off": lambda: setattr(train_batch_norm, "ELEMENTWISE", "ops")},
 }
 
 
