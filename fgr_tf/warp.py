@@ -96,8 +96,12 @@ def dense_image_warp(image, flow, padding="edge", name=None):
 
     grid_y, grid_x = tf.meshgrid(
         tf.range(height), tf.range(width), indexing="ij")
-    query_y = tf.cast(grid_y, image.dtype)[None] - flow[..., 0]  # [B, H, W]
-    query_x = tf.cast(grid_x, image.dtype)[None] - flow[..., 1]
+    # Unstacked, not sliced: the gradient of slicing the channel axis is a
+    # StridedSliceGrad per channel, TF's slow strided copy (half of this
+    # step's cost in a flow gradient on [250, 28, 28, 2], against one Pack).
+    flow_y, flow_x = tf.unstack(flow, num=2, axis=-1)
+    query_y = tf.cast(grid_y, image.dtype)[None] - flow_y  # [B, H, W]
+    query_x = tf.cast(grid_x, image.dtype)[None] - flow_x
 
     flat = tf.reshape(image, [batch * height * width, channels])
     base = (tf.range(batch) * height * width)[:, None, None]
@@ -126,7 +130,7 @@ def _bilinear_edge(gather, query_y, query_x, height, width):
   def floor_and_alpha(query, size):
     floor = _finite_floor(query, 0, size - 2)
     alpha = _clip_unit_interval(query - floor)
-    return tf.cast(floor, tf.int32), alpha[..., None]
+    return tf.cast(floor, tf.int32), tf.expand_dims(alpha, -1)
 
   floor_y, alpha_y = floor_and_alpha(query_y, height)
   floor_x, alpha_x = floor_and_alpha(query_x, width)
@@ -148,7 +152,7 @@ def _bilinear_zeros(gather, query_y, query_x, height, width):
   """
   def floor_and_alpha(query, size):
     floor = _finite_floor(query, -2, size)
-    alpha = (query - floor)[..., None]
+    alpha = tf.expand_dims(query - floor, -1)
     floor = tf.cast(floor, tf.int32)
     # Corners `floor` and `floor + 1`: in-image masks, clamped indices.
     masks, indices = [], []

@@ -287,6 +287,48 @@ def test_gaussian_smoothing_keeps_constants_and_spreads_a_delta():
                        depth=5)
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 7, 2), (2, 28, 28, 2)])
+def test_flow_smoothness_is_the_edge_padded_neighbour_sum(shape):
+  """stAdv's L_flow as its definition: over every pixel and each of its 4
+  neighbours in the edge-padded flow, sqrt(|difference|^2 + eps); values
+  and gradients against that definition in float64 (NumPy)."""
+  rng = np.random.default_rng(0)
+  flow = rng.normal(size=shape)
+  eps = 0.25  # large enough that the border terms show in float32
+
+  def definition(f):
+    padded = np.pad(f, [(0, 0), (1, 1), (1, 1), (0, 0)], mode="edge")
+    centre = padded[:, 1:-1, 1:-1]
+    total = 0.0
+    for neighbour in (padded[:, :-2, 1:-1], padded[:, 2:, 1:-1],
+                      padded[:, 1:-1, :-2], padded[:, 1:-1, 2:]):
+      total = total + np.sqrt(((neighbour - centre) ** 2).sum(-1) + eps).sum(
+          axis=(1, 2))
+    return total
+
+  flow32 = tf.constant(flow, tf.float32)
+  with tf.GradientTape() as tape:
+    tape.watch(flow32)
+    value = attacks.flow_smoothness(flow32, eps)
+    total = tf.reduce_sum(value)
+  gradient = tape.gradient(total, flow32)
+  expected = definition(flow)
+  # float32: a difference, square, sum, sqrt per term (depth 4), then sums
+  # over 4 H W terms per image.
+  assert_close_float32(value, expected, reduction=4 * shape[1] * shape[2],
+                       depth=4)
+  # Gradient by central differences of the float64 definition, on a few
+  # entries: each entry's derivative sums at most 8 terms (4 neighbours,
+  # both directions), each a quotient of differences.
+  for index in [(0, 0, 0, 0), (0, 2, 3, 1), (1, shape[1] - 1, shape[2] - 1,
+                                             0)]:
+    step = np.zeros(shape)
+    step[index] = 1e-6
+    numeric = (definition(flow + step) - definition(flow - step)).sum() / 2e-6
+    np.testing.assert_allclose(gradient.numpy()[index], numeric,
+                               rtol=1e-4, atol=1e-4)
+
+
 def _small_untrained_cnn(seed=0):
   keras.utils.set_random_seed(seed)
   return fgr_tf.backbones.build("small_cnn", 10, (12, 12, 1))

