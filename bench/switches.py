@@ -15,6 +15,9 @@ derivative as one XLA computation (`pooling.SECOND_DERIVATIVE = "xla"`)
 against the mask as TF ops ("ops"). `--switch=bn_second`: train-mode
 BatchNorm's second-derivative elementwise passes by XLA
 (`train_batch_norm.ELEMENTWISE = "xla"`) against TF ops ("ops").
+`--switch=read_once`: attacks read, fold and transform the weights once
+per call, outside their loops (`attacks.common.READ_WEIGHTS_ONCE`),
+against at every use.
 Each of --traces rounds builds a fresh model
 per setting (so each gets its own trace: oneDNN's graph rewrites can
 differ between traces), runs one untimed call, then times --repeats calls
@@ -37,6 +40,7 @@ from absl import flags  # noqa: E402
 
 import fgr_tf  # noqa: E402
 from bench import steps  # noqa: E402
+from fgr_tf.attacks import common  # noqa: E402
 from fgr_tf.backbones import pooling  # noqa: E402
 from fgr_tf.backbones import train_batch_norm  # noqa: E402
 
@@ -49,6 +53,9 @@ SWITCHES = {
     "pool_second": {
         "on": lambda: setattr(pooling, "SECOND_DERIVATIVE", "xla"),
         "off": lambda: setattr(pooling, "SECOND_DERIVATIVE", "ops")},
+    "read_once": {
+        "on": lambda: setattr(common, "READ_WEIGHTS_ONCE", True),
+        "off": lambda: setattr(common, "READ_WEIGHTS_ONCE", False)},
     "bn_second": {
         "on": lambda: setattr(train_batch_norm, "ELEMENTWISE", "xla"),
         "off": lambda: setattr(train_batch_norm, "ELEMENTWISE", "ops")},

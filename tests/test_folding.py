@@ -40,14 +40,24 @@ def _float64_copy(model, name, shape):
   return copy
 
 
+def _function(model, prepared):
+  """The folded inference function; `prepared`: its loop form (weights
+  read and transformed by `prepare()`, here at every call)."""
+  if prepared:
+    return lambda x: folding.prepared_inference_function(model)()(x)
+  return folding.inference_function(model)
+
+
+@pytest.mark.parametrize("prepared", [False, True])
 @pytest.mark.parametrize("name,shape,pairs,reduction,depth", BACKBONES)
 def test_folded_inference_equals_the_float64_model(name, shape, pairs,
-                                                   reduction, depth):
+                                                   reduction, depth,
+                                                   prepared):
   keras.utils.set_random_seed(0)
   model = _with_trained_statistics(fgr_tf.backbones.build(name, 10, shape))
   assert len(folding.foldable_pairs(model)) == pairs
   images = np.random.default_rng(1).uniform(size=(4,) + shape)
-  folded = tf.function(folding.inference_function(model))
+  folded = tf.function(_function(model, prepared))
   float64 = _float64_copy(model, name, shape)
   expected = float64(images, training=False)
   actual = folded(tf.constant(images, tf.float32))
@@ -57,11 +67,12 @@ def test_folded_inference_equals_the_float64_model(name, shape, pairs,
   # The float64 model folds too, and equals its unfolded self to float64
   # rounding.
   np.testing.assert_allclose(
-      folding.inference_function(float64)(images).numpy(),
+      _function(float64, prepared)(images).numpy(),
       expected.numpy(), rtol=0, atol=1e-11 * np.abs(expected).max())
 
 
-def test_input_gradients_equal_the_unfolded_model():
+@pytest.mark.parametrize("prepared", [False, True])
+def test_input_gradients_equal_the_unfolded_model(prepared):
   """The attacks differentiate the folded function w.r.t. its input."""
   name, shape, _, reduction, depth = BACKBONES[0]
   keras.utils.set_random_seed(0)
@@ -80,7 +91,7 @@ def test_input_gradients_equal_the_unfolded_model():
   expected = input_gradient(lambda x: float64(x, training=False),
                             tf.float64).numpy()
   actual = tf.function(lambda: input_gradient(
-      folding.inference_function(model), tf.float32))().numpy()
+      _function(model, prepared), tf.float32))().numpy()
   assert_close_float32(actual, expected, reduction, 2 * depth)
 
 
@@ -157,3 +168,36 @@ def test_folding_can_be_turned_off(monkeypatch):
   np.testing.assert_array_equal(
       folding.inference_function(model)(images).numpy(),
       model(images, training=False).numpy())
+
+
+def test_attack_loops_carry_the_weights_read_once(monkeypatch):
+  """A compiled attack reads, folds and transforms the weights once per
+  call (`attacks.common.READ_WEIGHTS_ONCE`): its loop body reads only the
+  unfolded layer's variables (the classifier's kernel and bias, not the 8
+  convolutions' and BatchNorms' 40) and flips no kernel (VGG-11's two
+  Winograd layers' input gradients; the flow's own channel reversals
+  remain). Same attack either way."""
+  images = tf.random.stateless_uniform([2, 32, 32, 3], (0, 1))
+  labels = tf.constant([0, 1])
+  ops, flows = {}, {}
+  for read_once in (True, False):
+    monkeypatch.setattr(fgr_tf.attacks.common, "READ_WEIGHTS_ONCE",
+                        read_once)
+    keras.utils.set_random_seed(0)
+    model = _with_trained_statistics(
+        fgr_tf.backbones.build("vgg11", 10, (32, 32, 3)))
+    flows[read_once] = fgr_tf.attacks.flow_pgd(model, images, labels,
+                                               steps=2).flow.numpy()
+    (attack,) = getattr(model, "_fgr_tf_compiled_attacks").values()
+    graph = attack.get_concrete_function(
+        images, labels, tf.constant([0, 0])).graph.as_graph_def()
+    (body,) = [f for f in graph.library.function
+               if f.signature.name.startswith("while_body")]
+    ops[read_once] = [n.op for n in body.node_def]
+  assert ops[True].count("ReadVariableOp") == 2
+  assert ops[False].count("ReadVariableOp") >= 40
+  assert ops[False].count("ReverseV2") - ops[True].count("ReverseV2") == 2
+  # The same steps: the gradients' signs agree (up to entries whose
+  # gradient is at float32 round-off, none here).
+  assert np.abs(flows[True]).max() > 0
+  np.testing.assert_array_equal(flows[True], flows[False])

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from fgr_tf.backbones import gemm_conv
+from fgr_tf.backbones import winograd
 from helpers import UBF16, assert_close_float32
 
 
@@ -48,6 +49,52 @@ def test_conv3x3_same_equals_conv2d_with_first_and_second_derivatives(
     # float64 on both sides; sums of <= 3 * 3 * 6 or 3 * 4 * 4 terms, 4
     # chained: round-off ~1e-14 of values of order 1-100.
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, err_msg=name)
+
+
+@pytest.mark.parametrize("shape,out_channels", [
+    ((3, 4, 4, 2), 6), ((2, 6, 4, 3), 4), ((1, 2, 8, 2), 3)])
+def test_prepared_winograd_equals_conv2d_with_first_and_second_derivatives(
+    shape, out_channels):
+  """`winograd.prepared` (the kernel's transforms computed once, for attack
+  loops): values and derivatives, the kernel's through its transforms."""
+  rng = np.random.default_rng(1)
+  x = tf.constant(rng.normal(size=shape))
+  kernel = tf.constant(rng.normal(size=(3, 3, shape[-1], out_channels)))
+  upstream = tf.constant(rng.normal(size=shape[:3] + (out_channels,)))
+  ours = _derivatives(lambda a, k: winograd.prepared(k)(a), x, kernel,
+                      upstream)
+  reference = _derivatives(lambda a, k: tf.nn.conv2d(a, k, 1, "SAME"), x,
+                           kernel, upstream)
+  for name, a, b in zip(["y", "dx", "dkernel", "d2 kernel", "d2 x"], ours,
+                        reference):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, err_msg=name)
+
+
+def test_prepared_convolution_op_runs_prepared_winograd_on_its_shape():
+  """The layer's prepared op: Winograd's form with the transforms done,
+  for the shape it was prepared for; any other input: `convolution_op`."""
+  layer = gemm_conv.Conv2D(4, 3, padding="same", dtype="float64")
+  layer.build((None, 4, 4, 2))
+  kernel = tf.constant(np.random.default_rng(2).normal(size=(3, 3, 2, 4)))
+  call = layer.prepared_convolution_op(kernel, (None, 4, 4, 2))
+  rng = np.random.default_rng(3)
+  for shape in [(2, 4, 4, 2), (2, 8, 8, 2)]:
+    x = tf.constant(rng.normal(size=shape))
+    np.testing.assert_allclose(call(x), tf.nn.conv2d(x, kernel, 1, "SAME"),
+                               rtol=1e-10, atol=1e-10)
+
+  def input_gradient(x):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = call(x)
+    return tape.gradient(y, x)
+
+  graph = tf.function(input_gradient).get_concrete_function(
+      tf.TensorSpec((None, 4, 4, 2), tf.float64)).graph
+  types = [op.type for op in graph.get_operations()]
+  # Winograd forward and backward; the flipped kernel and both kernel
+  # transforms were computed at preparation: no flip in the graph.
+  assert "BatchMatMulV2" in types and "ReverseV2" not in types
 
 
 def _op_types(layer, shape):

@@ -1,7 +1,11 @@
 """What every attack shares: what it is (`AttackInfo`), the result record,
 input checks, the clipped warp, losses, flow norms, compilation."""
 
+import contextlib
 import dataclasses
+import functools
+import os
+import threading
 import typing
 
 from absl import logging
@@ -86,8 +90,42 @@ def stateless_seed(seed):
 
 def logits_of(model, images):
   """Inference-mode logits in float32 (BatchNorm uses moving statistics,
-  folded into the convolution before it: `folding.inference_function`)."""
+  folded into the convolution before it: `folding.inference_function`).
+  Inside `weights_read_once(model)`, with the weights as prepared there."""
+  for prepared_model, function in reversed(_prepared.stack):
+    if prepared_model is model:
+      return tf.cast(function(images), tf.float32)
   return tf.cast(folding.inference_function(model)(images), tf.float32)
+
+
+# Whether compiled attacks trace in `weights_read_once` (read when an
+# attack is traced); FGR_TF_READ_WEIGHTS_ONCE=0 turns it off.
+READ_WEIGHTS_ONCE = os.environ.get("FGR_TF_READ_WEIGHTS_ONCE", "1") != "0"
+
+
+class _Prepared(threading.local):
+  def __init__(self):
+    super().__init__()
+    self.stack = []  # (model, images -> outputs with prepared weights)
+
+
+_prepared = _Prepared()
+
+
+@contextlib.contextmanager
+def weights_read_once(model):
+  """Within the block, `logits_of(model, ...)` applies the model's weights
+  as read (and folded, and transformed: `folding.
+  prepared_inference_function`) at entry, so that attack loops traced in
+  the block carry them as loop-invariant tensors instead of recomputing
+  them at every iteration. Every compiled attack traces in one
+  (`compiled`): its weights are read once per call."""
+  _prepared.stack.append(
+      (model, folding.prepared_inference_function(model)()))
+  try:
+    yield
+  finally:
+    _prepared.stack.pop()
 
 
 def is_adversarial(logits, labels, target=None):
@@ -235,6 +273,21 @@ def compiled(model, key, build, jit_compile="auto"):
   """
   jit = resolve_jit_compile(jit_compile)
   key = (key, jit)
+  unprepared_build = build
+
+  def build():
+    function = unprepared_build()
+
+    # wraps: tf.function keys its retracing statistics on the wrapped
+    # function's code, one per attack, as before this wrapper.
+    @functools.wraps(function)
+    def attack(*args, **kwargs):
+      if not READ_WEIGHTS_ONCE:
+        return function(*args, **kwargs)
+      with weights_read_once(model):
+        return function(*args, **kwargs)
+
+    return attack
   per_model = getattr(model, _CACHE_ATTRIBUTE, None)
   if per_model is None:
     per_model = {}

@@ -105,6 +105,28 @@ def _folded_conv(conv, bn):
   return call
 
 
+def _prepared_folded_conv(conv, bn):
+  """`_folded_conv` with the weights read, scaled and prepared
+  (`gemm_conv.Conv2D.prepared_convolution_op`: Winograd's kernel
+  transforms) now, once; the scale always goes into the kernel (a cost
+  paid once, not per call)."""
+  dtype = conv.compute_dtype
+  scale, shift = _scale_and_shift(conv, bn, dtype)
+  kernel = tf.cast(tf.convert_to_tensor(conv.kernel), dtype) * scale
+  prepare = getattr(conv, "prepared_convolution_op", None)
+  inputs_shape = conv._inbound_nodes[0].input_tensors[0].shape  # pylint: disable=protected-access
+  if prepare is not None:
+    convolution = prepare(kernel, inputs_shape)
+  else:
+    convolution = lambda inputs: conv.convolution_op(inputs, kernel)
+
+  def call(inputs, **unused_kwargs):
+    inputs = tf.cast(inputs, dtype)
+    return tf.cast(tf.nn.bias_add(convolution(inputs), shift),
+                   bn.compute_dtype)
+  return call
+
+
 def _identity(inputs, **unused_kwargs):
   return inputs
 
@@ -125,21 +147,44 @@ def inference_function(model):
   Returns:
     A callable mapping [B, H, W, C] images to the model's outputs.
   """
-  cached = getattr(model, _CACHE_ATTRIBUTE, None)
+  return _cached(model, _CACHE_ATTRIBUTE, lambda: _build(model, False))
+
+
+def prepared_inference_function(model):
+  """`inference_function` for loops: returns `prepare`, a callable that
+  reads the model's weights and does the work that depends on them alone
+  (the folding, Winograd's kernel transforms) when it is called, and
+  returns `images -> outputs` applying them. Call `prepare()` outside a
+  `tf.while_loop` and the returned function inside it: the loop then
+  carries that work as loop-invariant tensors instead of redoing it at
+  every iteration (the attacks: `attacks.common.compiled`). Same values as
+  `inference_function` to float32 rounding (the scale always goes into
+  the kernel). Cached on the model like `inference_function`.
+  """
+  return _cached(model, _PREPARED_CACHE_ATTRIBUTE,
+                 lambda: _build(model, True))
+
+
+_PREPARED_CACHE_ATTRIBUTE = "_fgr_tf_prepared_inference"
+
+
+def _cached(model, attribute, build):
+  cached = getattr(model, attribute, None)
   if cached is not None:
     return cached
-  function = _build(model)
+  function = build()
   try:
-    object.__setattr__(model, _CACHE_ATTRIBUTE, function)
+    object.__setattr__(model, attribute, function)
   except (AttributeError, TypeError):
     pass
   return function
 
 
-def _build(model):
+def _build(model, prepared):
+  """The folded function (`prepared`: its `prepare` callable)."""
   pairs = foldable_pairs(model)
   if not pairs or os.environ.get("FGR_TF_FOLD_BATCHNORM", "1") == "0":
-    return _unfolded(model)
+    return (lambda: _unfolded(model)) if prepared else _unfolded(model)
   try:
     # pylint: disable-next=g-import-not-at-top
     from keras.src.models import functional
@@ -151,19 +196,32 @@ def _build(model):
   except (ImportError, AttributeError):
     logging.warning("This Keras has no functional graph API that fgr_tf "
                     "knows: inference runs with unfolded BatchNorms.")
-    return _unfolded(model)
+    return (lambda: _unfolded(model)) if prepared else _unfolded(model)
   folded_bns = {id(bn) for _, bn in pairs.values()}
 
-  def operation_fn(operation):
-    if id(operation) in pairs:
-      return _folded_conv(*pairs[id(operation)])
-    if id(operation) in folded_bns:
-      return _identity
-    return keras_operation_fn(operation, training=False)
+  def with_convolutions(convolutions):
+    """images -> outputs, each folded pair running convolutions[id(conv)]."""
+    def operation_fn(operation):
+      if id(operation) in convolutions:
+        return convolutions[id(operation)]
+      if id(operation) in folded_bns:
+        return _identity
+      return keras_operation_fn(operation, training=False)
+
+    @tf.autograph.experimental.do_not_convert
+    def function(images):
+      return run_through_graph(standardize_inputs(images),
+                               operation_fn=operation_fn)
+
+    return function
+
+  if not prepared:
+    return with_convolutions(
+        {key: _folded_conv(*pair) for key, pair in pairs.items()})
 
   @tf.autograph.experimental.do_not_convert
-  def function(images):
-    return run_through_graph(standardize_inputs(images),
-                             operation_fn=operation_fn)
+  def prepare():
+    return with_convolutions(
+        {key: _prepared_folded_conv(*pair) for key, pair in pairs.items()})
 
-  return function
+  return prepare

@@ -173,3 +173,26 @@ class Conv2D(keras.layers.Conv2D):
       return conv3x3_same(inputs, tf.convert_to_tensor(kernel),
                           self.WINOGRAD)
     return super().convolution_op(inputs, kernel)
+
+  def prepared_convolution_op(self, kernel, inputs_shape):
+    """inputs -> `convolution_op(inputs, kernel)`, with the work that
+    depends on the kernel alone (Winograd's kernel transforms) done now,
+    for inputs of `inputs_shape` (other shapes: `convolution_op`)."""
+    kernel = tf.convert_to_tensor(kernel)
+    inputs_shape = tf.TensorShape(inputs_shape)
+    if not (self.WINOGRAD and inputs_shape.rank == 4 and
+            kernel.dtype in (tf.float32, tf.float64) and
+            applies(inputs_shape, self.kernel_size, self.strides,
+                    self.padding, self.dilation_rate, self.groups,
+                    self.data_format, self.GEMM_MAX_PIXELS) and
+            inputs_shape[1] * inputs_shape[2] > SMALL_MAX_PIXELS and
+            winograd.applies(inputs_shape[1], inputs_shape[2])):
+      return lambda inputs: self.convolution_op(inputs, kernel)
+    conv = winograd.prepared(kernel)
+
+    def call(inputs):
+      if inputs.shape[1:] != inputs_shape[1:] or inputs.dtype != kernel.dtype:
+        return self.convolution_op(inputs, kernel)
+      return conv(inputs)
+
+    return call

@@ -160,3 +160,42 @@ def conv3x3_same(x, kernel):
     return dx, _kernel_adjoint(du, in_channels, out_channels)
 
   return y, grad
+
+
+def prepared(kernel):
+  """x -> `conv3x3_same(x, kernel)` with the kernel's transforms (for the
+  convolution and for its input gradient's flipped kernel) computed now,
+  once: for loops that apply one kernel many times (the attacks), where
+  they would otherwise be recomputed at every iteration (4.5 ms per
+  iteration for VGG-11's 4x4x512 layer on a Xeon, ~3% of a flow-PGD
+  step). Same values and derivatives.
+
+  Args:
+    kernel: [3, 3, C_in, C_out].
+
+  Returns:
+    A callable on [B, H, W, C_in] (H, W even, static).
+  """
+  flipped = flip_and_transpose(kernel)
+  transformed = (_kernel_transform(kernel), _kernel_transform(flipped))
+  return lambda x: _conv_transformed(x, kernel, flipped, *transformed)
+
+
+@tf.custom_gradient
+def _conv_transformed(x, kernel, flipped, u, u_flipped):
+  """`conv3x3_same(x, kernel)` given u = G kernel G^T and u_flipped, that of
+  `flipped` = flip_and_transpose(kernel). The kernel's gradient goes to
+  `kernel` (and to `flipped` in the input gradient's own gradient), none
+  to the transforms, which are functions of them."""
+  height, width = x.shape[1], x.shape[2]
+  in_channels, out_channels = kernel.shape[2], kernel.shape[3]
+  tiles = _input_transform(x)
+  y = _output_transform(tf.matmul(tiles, u), tf.shape(x)[0], height, width)
+
+  def grad(dy):
+    dx = _conv_transformed(dy, flipped, kernel, u_flipped, u)
+    du = tf.matmul(tiles, _output_adjoint(dy), transpose_a=True)
+    return (dx, _kernel_adjoint(du, in_channels, out_channels), None, None,
+            None)
+
+  return y, grad
