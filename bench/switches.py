@@ -24,7 +24,11 @@ differ between traces), runs one untimed call, then times --repeats calls
 and keeps the best; settings alternate within a round; --model, --batch,
 --image_size etc. are `bench.steps`' flags. Prints the ms per call of
 every trace and, per mode, the ratio of the mean times (off / on: > 1
-means the switch's default is faster). Modes are `bench.steps`' (eval: one
+means the switch's default is faster). `--paired_rounds=N` instead traces
+one model per setting once and alternates N rounds of --repeats calls
+between them (for switches that do not depend on the trace: finer on a
+noisy machine); it also prints the median of the per-round ratios.
+Modes are `bench.steps`' (eval: one
 inference forward, flow_pgd: the 10-step attack, plain / fgr: training
 steps).
 """
@@ -62,30 +66,69 @@ SWITCHES = {
 }
 
 
-def run(switch, modes, model_name="vgg11", batch=128, size=32, channels=3,
-        classes=10, traces=3, calls=2):
-  """{mode: {"on": [ms per trace], "off": [...]}}."""
+def _check(switch):
   if switch not in SWITCHES:
     raise ValueError(f"Unknown switch {switch!r}. Expected one of "
                      f"{sorted(SWITCHES)}.")
+
+
+def _traced_step(switch, setting, mode, model_name, classes, images,
+                 labels):
+  """A fresh model's step of `mode`, traced (run once) with `setting`."""
+  SWITCHES[switch][setting]()
+  backbone = fgr_tf.backbones.build(model_name, classes,
+                                    tuple(images.shape[1:]))
+  step = steps.make_step(mode, backbone, images, labels, jit_compile=False)
+  step()
+  return step
+
+
+def run(switch, modes, model_name="vgg11", batch=128, size=32, channels=3,
+        classes=10, traces=3, calls=2):
+  """{mode: {"on": [ms per trace], "off": [...]}}."""
+  _check(switch)
   images, labels = steps.synthetic_batch(batch, size, channels, classes)
   times = {mode: {"on": [], "off": []} for mode in modes}
   try:
     for _ in range(traces):
       for mode in modes:
         for setting in ("on", "off"):
-          SWITCHES[switch][setting]()
-          backbone = fgr_tf.backbones.build(model_name, classes,
-                                            (size, size, channels))
-          step = steps.make_step(mode, backbone, images, labels,
-                                 jit_compile=False)
-          step()
+          step = _traced_step(switch, setting, mode, model_name, classes,
+                              images, labels)
           best = float("inf")
           for _ in range(calls):
             start = time.perf_counter()
             step()
             best = min(best, time.perf_counter() - start)
           times[mode][setting].append(best * 1e3)
+  finally:
+    SWITCHES[switch]["on"]()  # the defaults
+  return times
+
+
+def run_paired(switch, modes, model_name="vgg11", batch=128, size=32,
+               channels=3, classes=10, rounds=12, calls=2):
+  """{mode: {"on": [ms per round], "off": [...]}}: one model per setting,
+  each traced once (with its setting), then `rounds` rounds that time
+  `calls` calls of each (mean), alternating which goes first. Finer than
+  `run` for switches that do not depend on the trace (training steps):
+  both models see the same minutes of a noisy machine."""
+  _check(switch)
+  images, labels = steps.synthetic_batch(batch, size, channels, classes)
+  times = {mode: {"on": [], "off": []} for mode in modes}
+  try:
+    for mode in modes:
+      step_of = {setting: _traced_step(switch, setting, mode, model_name,
+                                       classes, images, labels)
+                 for setting in ("on", "off")}
+      for round_ in range(rounds):
+        for setting in (("on", "off") if round_ % 2 == 0 else
+                        ("off", "on")):
+          start = time.perf_counter()
+          for _ in range(calls):
+            step_of[setting]()
+          times[mode][setting].append(
+              (time.perf_counter() - start) / calls * 1e3)
   finally:
     SWITCHES[switch]["on"]()  # the defaults
   return times
@@ -100,19 +143,29 @@ def format_times(times):
     ratio = (statistics.mean(by_setting["off"]) /
              statistics.mean(by_setting["on"]))
     lines.append(f"{mode:10s} mean off / mean on: {ratio:.3f}")
+    paired = statistics.median(
+        off / on for on, off in zip(by_setting["on"], by_setting["off"]))
+    lines.append(f"{mode:10s} median of off / on per round: {paired:.3f}")
   return "\n".join(lines)
 
 
 def main(argv):
   del argv
   f = flags.FLAGS  # model, batch, image_size, ... and modes: bench.steps'
-  print(format_times(run(f.switch, f.modes, f.model, f.batch, f.image_size,
-                         f.channels, f.classes, f.traces, f.repeats)))
+  if f.paired_rounds:
+    times = run_paired(f.switch, f.modes, f.model, f.batch, f.image_size,
+                       f.channels, f.classes, f.paired_rounds, f.repeats)
+  else:
+    times = run(f.switch, f.modes, f.model, f.batch, f.image_size,
+                f.channels, f.classes, f.traces, f.repeats)
+  print(format_times(times))
 
 
 if __name__ == "__main__":
   flags.DEFINE_enum("switch", "fold", sorted(SWITCHES), "What to compare.")
   flags.DEFINE_integer("traces", 3, "Rounds (fresh models per setting).")
+  flags.DEFINE_integer("paired_rounds", 0, "If > 0: one model per setting, "
+                       "this many alternating rounds (`run_paired`).")
   flags.FLAGS.set_default("modes", ["eval", "flow_pgd"])
   flags.FLAGS.set_default("repeats", 2)  # timed calls per trace, best kept
   app.run(main)

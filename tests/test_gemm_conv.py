@@ -35,13 +35,19 @@ def _derivatives(conv, x, kernel, upstream):
 @pytest.mark.parametrize("use_winograd", [True, False])
 def test_conv3x3_same_equals_conv2d_with_first_and_second_derivatives(
     shape, out_channels, use_winograd):
-  rng = np.random.default_rng(0)
+  _assert_equals_conv2d(
+      lambda a, k: gemm_conv.conv3x3_same(a, k, use_winograd), shape,
+      out_channels)
+
+
+def _assert_equals_conv2d(conv, shape, out_channels, seed=0):
+  """conv(x, kernel): values, first and second derivatives equal
+  tf.nn.conv2d's in float64."""
+  rng = np.random.default_rng(seed)
   x = tf.constant(rng.normal(size=shape))
   kernel = tf.constant(rng.normal(size=(3, 3, shape[-1], out_channels)))
   upstream = tf.constant(rng.normal(size=shape[:3] + (out_channels,)))
-  ours = _derivatives(
-      lambda a, k: gemm_conv.conv3x3_same(a, k, use_winograd), x, kernel,
-      upstream)
+  ours = _derivatives(conv, x, kernel, upstream)
   reference = _derivatives(lambda a, k: tf.nn.conv2d(a, k, 1, "SAME"), x,
                            kernel, upstream)
   for name, a, b in zip(["y", "dx", "dkernel", "d2 kernel", "d2 x"], ours,
@@ -57,17 +63,8 @@ def test_prepared_winograd_equals_conv2d_with_first_and_second_derivatives(
     shape, out_channels):
   """`winograd.prepared` (the kernel's transforms computed once, for attack
   loops): values and derivatives, the kernel's through its transforms."""
-  rng = np.random.default_rng(1)
-  x = tf.constant(rng.normal(size=shape))
-  kernel = tf.constant(rng.normal(size=(3, 3, shape[-1], out_channels)))
-  upstream = tf.constant(rng.normal(size=shape[:3] + (out_channels,)))
-  ours = _derivatives(lambda a, k: winograd.prepared(k)(a), x, kernel,
-                      upstream)
-  reference = _derivatives(lambda a, k: tf.nn.conv2d(a, k, 1, "SAME"), x,
-                           kernel, upstream)
-  for name, a, b in zip(["y", "dx", "dkernel", "d2 kernel", "d2 x"], ours,
-                        reference):
-    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, err_msg=name)
+  _assert_equals_conv2d(lambda a, k: winograd.prepared(k)(a), shape,
+                        out_channels, seed=1)
 
 
 def test_prepared_convolution_op_runs_prepared_winograd_on_its_shape():

@@ -110,8 +110,10 @@ def _unpool_by_xla(x, y, dy, size):
 # (compare, logical and/or, casts, stacks); compiled by XLA they fuse into
 # a few loops. Measured (Xeon, AVX-512, batch 128, `[128, 32, 32, 64]`
 # input, ms): 5.1 against 29 (and 19 for TF's MaxPoolGradGrad, whose tie
-# rule is not documented); over VGG-11's 5 pools ~10 against ~54 ms of an
-# FGR step. Force with FGR_TF_POOL_SECOND_DERIVATIVE.
+# rule is not documented); VGG-11's FGR step (batch 128) 1.07x faster with
+# AVX-512, 1.06x with AVX2 (`python -m bench.switches
+# --switch=pool_second --modes=fgr --paired_rounds=12`). Force with
+# FGR_TF_POOL_SECOND_DERIVATIVE.
 SECOND_DERIVATIVE = os.environ.get("FGR_TF_POOL_SECOND_DERIVATIVE", "xla")
 
 

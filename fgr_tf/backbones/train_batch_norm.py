@@ -171,7 +171,9 @@ def _second_order(e, e_gamma, e_beta, dy_c, inner, centred, rstd, gamma, m2,
 # (the channel sums stay TF's: XLA's CPU reductions measured 7x slower and
 # less accurate). Measured alone (Xeon, AVX-512, ms, TF ops / XLA): 52 / 28,
 # 21 / 13, 7.3 / 3.8 at [128, 32, 32, 64], [128, 16, 16, 128],
-# [128, 8, 8, 256]; VGG-11's FGR step 3.3% faster (in-process A/B). The
+# [128, 8, 8, 256]; VGG-11's FGR step 1.005-1.011x faster with AVX-512,
+# 1.02x with AVX2 (`python -m bench.switches --switch=bn_second
+# --modes=fgr --paired_rounds=12`). The
 # forward and first backward passes have fewer broadcasts and measured
 # level (or slower) compiled, so they stay TF ops.
 # FGR_TF_BATCH_NORM_ELEMENTWISE="ops" runs these as TF ops too.
