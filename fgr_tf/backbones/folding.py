@@ -13,7 +13,9 @@ BatchNorm passes were 16% of an inference forward pass.
 `inference_function(model)` returns `images -> logits` computing the same
 function as `model(images, training=False)` (to float32 rounding: s K and
 s b + t are rounded once more), with the scaled kernels computed from the
-model's current variables at every call (so it follows training). Folded
+model's current variables at every call (so it follows training);
+`prepared_inference_function(model)` is its form for loops (the attacks),
+which reads and transforms the weights once, outside the loop. Folded
 are (convolution, BatchNorm) pairs of a functional model where the
 convolution feeds that BatchNorm only, has no activation, and both run in
 float32 or float64; everything else runs as the model's own layers.
