@@ -167,3 +167,29 @@ def test_first_derivative_in_while_loops(setting, op, monkeypatch):
                                         x, 2, 2, "VALID"), grad=dy,
                                     ksize=[1, 2, 2, 1], strides=[1, 2, 2, 1],
                                     padding="VALID"))
+
+
+@pytest.mark.parametrize("pfor_mask", [True, False])
+def test_jacobians_under_pfor_route_to_the_first_maximum(pfor_mask,
+                                                         monkeypatch):
+  """ADef's input-gradient jacobian (`tape.jacobian`, vectorized by pfor):
+  the first derivative as the mask form (`PFOR_MASK`, no MaxPoolGrad in
+  the graph) or TF's MaxPoolGrad; both equal the unvectorized jacobian,
+  ties included."""
+  monkeypatch.setattr(pooling, "PFOR_MASK", pfor_mask)
+  monkeypatch.setattr(pooling, "_native_first_derivative", lambda: True)
+  x, _, _ = _inputs((2, 5, 4, 3), False)
+
+  def jacobian(x, use_pfor):
+    with tf.GradientTape(persistent=not use_pfor) as tape:
+      tape.watch(x)
+      y = pooling.max_pool(x)
+    return tape.jacobian(y, x, experimental_use_pfor=use_pfor)
+
+  vectorized = tf.function(lambda x: jacobian(x, True))
+  np.testing.assert_array_equal(vectorized(x), jacobian(x, False))
+  ops = {n.op for f in vectorized.get_concrete_function(
+      x).graph.as_graph_def().library.function for n in f.node_def} | {
+          n.op for n in vectorized.get_concrete_function(
+              x).graph.as_graph_def().node}
+  assert ("MaxPoolGrad" in ops) == (not pfor_mask)

@@ -123,6 +123,29 @@ def _pool_sum_by_xla(x, y, e, size):
   return _pool_sum(e, first_max_mask(windows(x, size), y))
 
 
+# Under pfor (ADef's jacobian: one input gradient per candidate class),
+# whether the first derivative is the mask form: the mask depends on the
+# forward pass only, so pfor computes it once, and the vectorized
+# derivative is an upsampling and a product of 4-d tensors, where TF's
+# MaxPoolGrad makes pfor tile the pool's input and output over the
+# classes and run the kernel on a batch of classes x images.
+PFOR_MASK = True
+
+
+def _unpool_same_shape(dy, full_mask):
+  """`_unpool` as 4-d ops (pfor adds a dimension; TF's broadcasting
+  kernels stop at 6): dy repeated over each window, times the [B, H, W, C]
+  mask."""
+  ph = full_mask.shape[1] // dy.shape[1]
+  pw = full_mask.shape[2] // dy.shape[2]
+  up = tf.repeat(tf.repeat(dy, ph, axis=1), pw, axis=2)
+  pad_h = full_mask.shape[1] - up.shape[1]
+  pad_w = full_mask.shape[2] - up.shape[2]
+  if pad_h or pad_w:
+    up = tf.pad(up, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
+  return up * full_mask
+
+
 def _in_pfor():
   """Whether ops are being added to a loop body that `pfor` will vectorize
   (`tape.jacobian`, ADef): pfor inlines XLA functions and cannot vectorize
@@ -178,9 +201,14 @@ def max_pool(x, size=(2, 2)):
     def mask():
       return tf.stop_gradient(first_max_mask(windows(x, size), y))
 
+    def full_mask():  # [B, H, W, C], zero outside the windows
+      return _unpool(tf.ones_like(y), mask(), x.shape)
+
     @tf.custom_gradient
     def first_derivative(dy):
-      if not _native_first_derivative():
+      if PFOR_MASK and _in_pfor():
+        dx = _unpool_same_shape(dy, full_mask())
+      elif not _native_first_derivative():
         dx = _unpool(dy, mask(), x.shape)
       elif LOOP_GRADIENT == "xla" and _in_while_loop():
         dx = _unpool_by_xla(x, y, dy, size)
