@@ -116,8 +116,10 @@ def _prepared_folded_conv(conv, bn):
   scale, shift = _scale_and_shift(conv, bn, dtype)
   kernel = tf.cast(tf.convert_to_tensor(conv.kernel), dtype) * scale
   prepare = getattr(conv, "prepared_convolution_op", None)
-  inputs_shape = conv._inbound_nodes[0].input_tensors[0].shape  # pylint: disable=protected-access
   if prepare is not None:
+    # The convolution's input shape in the model's graph.
+    # pylint: disable-next=protected-access
+    inputs_shape = conv._inbound_nodes[0].input_tensors[0].shape
     convolution = prepare(kernel, inputs_shape)
   else:
     convolution = lambda inputs: conv.convolution_op(inputs, kernel)

@@ -76,11 +76,17 @@ def _unpool(dy, mask, input_shape):
   ph, pw = mask.shape[2], mask.shape[4]
   routed = tf.reshape(mask * dy[:, :, None, :, None, :],
                       [-1, dy.shape[1] * ph, dy.shape[2] * pw, dy.shape[3]])
-  pad_h = input_shape[1] - routed.shape[1]
-  pad_w = input_shape[2] - routed.shape[2]
+  return _pad_to(routed, input_shape)
+
+
+def _pad_to(t, input_shape):
+  """[B, h, w, C] zero-padded at the bottom and right to the input's H, W
+  (the rows and columns that "valid" pooling dropped)."""
+  pad_h = input_shape[1] - t.shape[1]
+  pad_w = input_shape[2] - t.shape[2]
   if pad_h or pad_w:
-    routed = tf.pad(routed, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
-  return routed
+    t = tf.pad(t, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
+  return t
 
 
 # How the first derivative is computed inside a `tf.while_loop` (the
@@ -139,11 +145,7 @@ def _unpool_same_shape(dy, full_mask):
   ph = full_mask.shape[1] // dy.shape[1]
   pw = full_mask.shape[2] // dy.shape[2]
   up = tf.repeat(tf.repeat(dy, ph, axis=1), pw, axis=2)
-  pad_h = full_mask.shape[1] - up.shape[1]
-  pad_w = full_mask.shape[2] - up.shape[2]
-  if pad_h or pad_w:
-    up = tf.pad(up, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
-  return up * full_mask
+  return _pad_to(up, full_mask.shape) * full_mask
 
 
 def _in_pfor():

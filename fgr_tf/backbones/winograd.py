@@ -16,8 +16,9 @@ form is for small maps (`MAX_PIXELS`). Measured (`python -m bench.conv`,
 Xeon, batch 128, forward / first / second order, ms), VGG-11's
 4x4x512->512 layer: 17.4 / 38.9 / 92 against im2col's 31.0 / 66.9 / 158
 and oneDNN's 42.7 / 84.1 / 209 with AVX-512; 27.6 / 60.1 / 149 against
-51.3 / 110 / 257 and 52.7 / 114 / 280 with ONEDNN_MAX_CPU_ISA=AVX2. At 8x8 it is level with oneDNN
-(256 channels) or slower (128), so `gemm_conv.Conv2D` keeps oneDNN there.
+51.3 / 110 / 257 and 52.7 / 114 / 280 with ONEDNN_MAX_CPU_ISA=AVX2. At
+8x8 it is level with oneDNN (256 channels) or slower (128), so
+`gemm_conv.Conv2D` keeps oneDNN there.
 Written with slices instead, the 4x4x512 input transform took 3x (even /
 odd rows by reshaping) to 20x (strided slices, a per-element loop in TF on
 CPU) as long as the matrix form (14.5 / 98 against 4.8 ms, batch 128,
