@@ -11,51 +11,61 @@ Conventions (SPEC §2):
     horizontally and (H-1)/2 pixels vertically.
 """
 
+import typing
+
 import tensorflow as tf
 
 
-def _check_image_and_flow(image, flow):
+def _check_image(image):
   if image.shape.rank != 4:
     raise ValueError(
         "dense_image_warp expects images of shape [batch, height, width, "
         f"channels]. Received: image.shape={image.shape}")
-  if flow.shape.rank != 4 or flow.shape[-1] not in (2, None):
-    raise ValueError(
-        "dense_image_warp expects a flow of shape [batch, height, width, 2]. "
-        f"Received: flow.shape={flow.shape}")
   for axis, name in ((1, "height"), (2, "width")):
     size = image.shape[axis]
     if size is not None and size < 2:
       raise ValueError(f"dense_image_warp needs {name} >= 2. "
                        f"Received: image.shape={image.shape}")
-    if None not in (size, flow.shape[axis]) and size != flow.shape[axis]:
-      raise ValueError("image and flow must have the same height and width. "
-                       f"Received: image.shape={image.shape}, "
-                       f"flow.shape={flow.shape}")
+
+
+def _check_flow(flow, height, width):
+  """`height`, `width`: the image's, static ints or tensors (unchecked)."""
+  if flow.shape.rank != 4 or flow.shape[-1] not in (2, None):
+    raise ValueError(
+        "dense_image_warp expects a flow of shape [batch, height, width, 2]. "
+        f"Received: flow.shape={flow.shape}")
+  for size, flow_size in ((height, flow.shape[1]), (width, flow.shape[2])):
+    if isinstance(size, int) and flow_size is not None and size != flow_size:
+      raise ValueError(
+          "image and flow must have the same height and width. Received: "
+          f"image height, width {height}, {width}, flow.shape={flow.shape}")
 
 
 @tf.custom_gradient
-def _clip_unit_interval(alpha):
-  """Clips to [0, 1]; the gradient passes on the CLOSED interval.
+def clip_unit_interval(values):
+  """`tf.clip_by_value(values, 0, 1)`, whose gradient passes on the CLOSED
+  interval [0, 1] (as TF's clip: ties go to the clipped value).
 
-  tfa writes `max(0, alpha)`, and TF sends the gradient of `maximum` at a tie
-  to its first (constant) argument, so at integer query points (e.g. every
-  point of a zero flow) tfa's gradient w.r.t. the flow vanishes. Letting the
+  The warp clips its interpolation weights with it: tfa writes
+  `max(0, alpha)`, and TF sends the gradient of `maximum` at a tie to its
+  first (constant) argument, so at integer query points (e.g. every point
+  of a zero flow) tfa's gradient w.r.t. the flow vanishes. Letting the
   gradient through at alpha == 0 gives the one-sided forward difference
   there (and the backward difference at alpha == 1, the last row/column).
+  The attacks clip their deformed images with it too.
 
   The gradient is written out (one select, linear in the upstream gradient,
-  so differentiable again) instead of TF's gradients of a select of a clip
-  (four selects and two zero tensors per call; the warp's selects and zero
+  so differentiable again) instead of TF's gradients of a clip (a
+  comparison and a select per bound and call; the warp's selects and zero
   tensors, forward and backward, were ~7% of stAdv's op time on the
   quickstart CNN).
   """
-  inside = tf.logical_and(alpha >= 0.0, alpha <= 1.0)
+  inside = tf.logical_and(values >= 0.0, values <= 1.0)
 
   def grad(upstream):
     return tf.where(inside, upstream, tf.zeros([], upstream.dtype))
 
-  return tf.clip_by_value(alpha, 0.0, 1.0), grad
+  return tf.clip_by_value(values, 0.0, 1.0), grad
 
 
 PADDINGS = ("edge", "zeros")
@@ -92,37 +102,90 @@ def dense_image_warp(image, flow, padding="edge", name=None):
   Returns:
     The warped image, [B, H, W, C], same dtype as `image`.
   """
+  with tf.name_scope(name or "dense_image_warp"):
+    return warp_prepared(prepare_image(image, padding), flow)
+
+
+class PreparedImage(typing.NamedTuple):
+  """An image batch prepared for warps (`prepare_image`): each position's
+  2x2 neighbourhood, for `warp_prepared`.
+
+  Attributes:
+    neighbourhoods: [B, H', W', 4 C]: at (y, x) the pixels (y, x), (y, x+1),
+      (y+1, x), (y+1, x+1) side by side, of the image (H' = H - 1, "edge")
+      or of the image extended by 2 zero rows and columns on each side
+      (H' = H + 3, "zeros").
+    padding: "edge" or "zeros".
+  """
+  neighbourhoods: tf.Tensor
+  padding: str
+
+  def image_size(self):
+    """(H, W) of the image: static ints where known, else int32 scalars."""
+    offset = -1 if self.padding == "edge" else 3
+    static = self.neighbourhoods.shape[1:3]
+    dynamic = tf.shape(self.neighbourhoods)
+    return tuple(dynamic[axis] - offset if size is None else size - offset
+                 for axis, size in ((1, static[0]), (2, static[1])))
+
+
+def prepare_image(image, padding="edge"):
+  """`image` [B, H, W, C] prepared for repeated warps by `warp_prepared`
+  (`dense_image_warp(image, flow, padding)` = `warp_prepared(
+  prepare_image(image, padding), flow)`): the attacks prepare their
+  images once, outside their loops. Differentiable w.r.t. `image`."""
   if padding not in PADDINGS:
     raise ValueError(f"padding must be one of {PADDINGS}. "
                      f"Received: padding={padding!r}")
-  with tf.name_scope(name or "dense_image_warp"):
-    image = tf.convert_to_tensor(image)
-    if not image.dtype.is_floating:
-      raise TypeError("dense_image_warp expects a floating-point image. "
-                      f"Received: image.dtype={image.dtype.name}")
-    flow = tf.cast(tf.convert_to_tensor(flow), image.dtype)
-    _check_image_and_flow(image, flow)
-    shape = tf.shape(image)
-    batch, height, width, channels = shape[0], shape[1], shape[2], shape[3]
+  image = tf.convert_to_tensor(image)
+  if not image.dtype.is_floating:
+    raise TypeError("dense_image_warp expects a floating-point image. "
+                    f"Received: image.dtype={image.dtype.name}")
+  _check_image(image)
+  if padding == "zeros":
+    image = tf.pad(image, [[0, 0], [2, 2], [2, 2], [0, 0]])
+  return PreparedImage(tf.concat(
+      [image[:, :-1, :-1], image[:, :-1, 1:], image[:, 1:, :-1],
+       image[:, 1:, 1:]], axis=-1), padding)
 
-    grid_y, grid_x = tf.meshgrid(
-        tf.range(height), tf.range(width), indexing="ij")
-    # Unstacked, not sliced: the gradient of slicing the channel axis is a
-    # StridedSliceGrad per channel, TF's slow strided copy (half of this
-    # step's cost in a flow gradient on [250, 28, 28, 2], against one Pack).
-    flow_y, flow_x = tf.unstack(flow, num=2, axis=-1)
-    query_y = tf.cast(grid_y, image.dtype)[None] - flow_y  # [B, H, W]
-    query_x = tf.cast(grid_x, image.dtype)[None] - flow_x
 
-    flat = tf.reshape(image, [batch * height * width, channels])
-    base = (tf.range(batch) * height * width)[:, None, None]
+def warp_prepared(prepared, flow):
+  """`dense_image_warp` of a `prepare_image`d image by `flow` [B, H, W, 2]
+  (pixels, (dy, dx)); [B, H, W, C] in the image's dtype.
 
-    def gather(y, x):
-      return tf.gather(flat, base + y * width + x)
-
-    if padding == "edge":
-      return _bilinear_edge(gather, query_y, query_x, height, width)
-    return _bilinear_zeros(gather, query_y, query_x, height, width)
+  One gather of each query point's 2x2 neighbourhood: TF's gather costs
+  per index (~4 ns; four gathers of one corner each took 0.8 ms apiece on
+  a [250, 28, 28, 1] batch, 8% of flow-PGD's op time on the quickstart
+  CNN)."""
+  neighbourhoods = prepared.neighbourhoods
+  flow = tf.cast(tf.convert_to_tensor(flow), neighbourhoods.dtype)
+  height, width = prepared.image_size()
+  _check_flow(flow, height, width)
+  grid_y, grid_x = tf.meshgrid(
+      tf.range(height), tf.range(width), indexing="ij")
+  # Unstacked, not sliced: the gradient of slicing the channel axis is a
+  # StridedSliceGrad per channel, TF's slow strided copy (half of this
+  # step's cost in a flow gradient on [250, 28, 28, 2], against one Pack).
+  flow_y, flow_x = tf.unstack(flow, num=2, axis=-1)
+  query_y = tf.cast(grid_y, flow.dtype)[None] - flow_y  # [B, H, W]
+  query_x = tf.cast(grid_x, flow.dtype)[None] - flow_x
+  if prepared.padding == "edge":
+    # tfa's sampling: floor clamped to [0, size - 2], alpha to [0, 1].
+    floor_y, alpha_y = _edge_floor_and_alpha(query_y, height)
+    floor_x, alpha_x = _edge_floor_and_alpha(query_x, width)
+  else:
+    floor_y, alpha_y = _zeros_floor_and_alpha(query_y, height)
+    floor_x, alpha_x = _zeros_floor_and_alpha(query_x, width)
+  # The static channel count where known: the output keeps it (Keras runs
+  # a convolution whose input has unknown channels through XLA).
+  channels4 = neighbourhoods.shape[3]
+  if channels4 is None:
+    channels4 = tf.shape(neighbourhoods)[3]
+  shape = tf.shape(neighbourhoods)
+  flat = tf.reshape(neighbourhoods, [-1, channels4])
+  base = (tf.range(shape[0]) * shape[1] * shape[2])[:, None, None]
+  corners = tf.gather(flat, base + floor_y * shape[2] + floor_x)
+  return _interpolate(corners, alpha_y, alpha_x)
 
 
 def _finite_floor(query, low, high):
@@ -136,57 +199,66 @@ def _finite_floor(query, low, high):
       tf.where(tf.math.is_finite(floor), floor, tf.zeros_like(floor)))
 
 
-def _bilinear_edge(gather, query_y, query_x, height, width):
-  """tfa's sampling: floor clamped to [0, size - 2], alpha to [0, 1]."""
-  def floor_and_alpha(query, size):
-    floor = _finite_floor(query, 0, size - 2)
-    alpha = _clip_unit_interval(query - floor)
-    return tf.cast(floor, tf.int32), tf.expand_dims(alpha, -1)
-
-  floor_y, alpha_y = floor_and_alpha(query_y, height)
-  floor_x, alpha_x = floor_and_alpha(query_x, width)
-  top_left = gather(floor_y, floor_x)
-  top_right = gather(floor_y, floor_x + 1)
-  bottom_left = gather(floor_y + 1, floor_x)
-  bottom_right = gather(floor_y + 1, floor_x + 1)
-  # Same operation order as tfa, so forward values agree bit for bit.
-  interp_top = alpha_x * (top_right - top_left) + top_left
-  interp_bottom = alpha_x * (bottom_right - bottom_left) + bottom_left
-  return alpha_y * (interp_bottom - interp_top) + interp_top
+def _sum_channels(t):
+  if t.shape[-1] == 1:
+    return t
+  return tf.reduce_sum(t, axis=-1, keepdims=True)
 
 
-def _bilinear_zeros(gather, query_y, query_x, height, width):
-  """grid_sample's zeros padding: out-of-image corners weigh nothing.
+@tf.custom_gradient
+def _interpolate(corners, alpha_y, alpha_x):
+  """Bilinear interpolation [B, H, W, C] of `_corners` [B, H, W, 4 C] with
+  weights alpha_y, alpha_x [B, H, W, 1] (towards the bottom / right).
 
-  The floor is clamped to [-2, size] only to keep indices small: beyond
-  that all four corners are outside anyway (value and gradient 0).
+  Same operation order as tfa, so forward values agree bit for bit. The
+  gradient is written out (the weights' two products summed over
+  channels, the corners' four), from the inputs only, so that it is
+  differentiable again; TF's gradients of the same expression took twice
+  the ops.
   """
-  def floor_and_alpha(query, size):
-    floor = _finite_floor(query, -2, size)
-    alpha = tf.expand_dims(query - floor, -1)
-    floor = tf.cast(floor, tf.int32)
-    # Corners `floor` and `floor + 1`: in-image masks, clamped indices.
-    masks, indices = [], []
-    for index in (floor, floor + 1):
-      masks.append(tf.logical_and(index >= 0, index < size)[..., None])
-      indices.append(tf.clip_by_value(index, 0, size - 1))
-    return indices, masks, alpha
-
-  (y0, y1), (my0, my1), alpha_y = floor_and_alpha(query_y, height)
-  (x0, x1), (mx0, mx1), alpha_x = floor_and_alpha(query_x, width)
-
-  def corner(y, x, mask_y, mask_x):
-    value = gather(y, x)
-    return tf.where(tf.logical_and(mask_y, mask_x), value,
-                    tf.zeros_like(value))
-
-  top_left = corner(y0, x0, my0, mx0)
-  top_right = corner(y0, x1, my0, mx1)
-  bottom_left = corner(y1, x0, my1, mx0)
-  bottom_right = corner(y1, x1, my1, mx1)
+  top_left, top_right, bottom_left, bottom_right = tf.split(corners, 4, -1)
   interp_top = alpha_x * (top_right - top_left) + top_left
   interp_bottom = alpha_x * (bottom_right - bottom_left) + bottom_left
-  return alpha_y * (interp_bottom - interp_top) + interp_top
+  out = alpha_y * (interp_bottom - interp_top) + interp_top
+
+  def grad(upstream):
+    # Recomputed from the inputs: the tape records the gradient's ops (for
+    # second derivatives), not the forward's.
+    top_left, top_right, bottom_left, bottom_right = tf.split(corners, 4, -1)
+    right_top = top_right - top_left
+    right_bottom = bottom_right - bottom_left
+    interp_top = alpha_x * right_top + top_left
+    interp_bottom = alpha_x * right_bottom + bottom_left
+    to_bottom = upstream * alpha_y
+    to_top = upstream - to_bottom
+    d_alpha_y = _sum_channels(upstream * (interp_bottom - interp_top))
+    d_alpha_x = _sum_channels(to_top * right_top + to_bottom * right_bottom)
+    to_top_right = to_top * alpha_x
+    to_bottom_right = to_bottom * alpha_x
+    d_corners = tf.concat(
+        [to_top - to_top_right, to_top_right,
+         to_bottom - to_bottom_right, to_bottom_right], axis=-1)
+    return d_corners, d_alpha_y, d_alpha_x
+
+  return out, grad
+
+
+def _edge_floor_and_alpha(query, size):
+  """tfa's: floor clamped to [0, size - 2] (int32), alpha clipped to [0, 1]
+  ([..., 1])."""
+  floor = _finite_floor(query, 0, size - 2)
+  alpha = clip_unit_interval(query - floor)
+  return tf.cast(floor, tf.int32), tf.expand_dims(alpha, -1)
+
+
+def _zeros_floor_and_alpha(query, size):
+  """grid_sample's zeros padding: out-of-image corners weigh nothing. The
+  floor is clamped to [-2, size] (beyond that all four corners are outside
+  anyway, value and gradient 0) and shifted by the extension's 2 rows or
+  columns of zeros, from which every corner is read; alpha unclipped."""
+  floor = _finite_floor(query, -2, size)
+  alpha = tf.expand_dims(query - floor, -1)
+  return tf.cast(floor, tf.int32) + 2, alpha
 
 
 def zero_flow_jacobian(images):
