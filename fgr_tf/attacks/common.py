@@ -153,9 +153,15 @@ def cw_margin(logits, labels, kappa=0.0, target=None):
 
 def deform(images, flow, padding="edge"):
   """The deformed image every attack returns: `dense_image_warp` by the
-  pixel flow [B, H, W, 2] (dy, dx), clipped to [0, 1]."""
-  return tf.clip_by_value(warp.dense_image_warp(images, flow, padding=padding),
-                          0.0, 1.0)
+  pixel flow [B, H, W, 2] (dy, dx), clipped to [0, 1] (`warp.
+  clip_unit_interval`: TF's clip and its gradient, in one select).
+
+  `images` [B, H, W, C], or `warp.prepare_image(images, padding)` (its own
+  padding then): attacks prepare their images once, outside their loops.
+  """
+  if not isinstance(images, warp.PreparedImage):
+    images = warp.prepare_image(images, padding)
+  return warp.clip_unit_interval(warp.warp_prepared(images, flow))
 
 
 def first_fooling_or_worst(model, images, labels, flow_of, count,
@@ -176,10 +182,11 @@ def first_fooling_or_worst(model, images, labels, flow_of, count,
     including the first fooling one, else all).
   """
   batch = flow_shape[0]
+  prepared = warp.prepare_image(images, padding)
 
   def body(i, best_loss, best_flow, done, used):
     flow = flow_of(i)
-    logits = logits_of(model, deform(images, flow, padding))
+    logits = logits_of(model, deform(prepared, flow))
     loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
     fooled = is_adversarial(logits, labels)
     active = tf.logical_not(done)

@@ -62,14 +62,14 @@ def flow_pgd(model, images, labels, epsilon=0.01, steps=100, step_size=None,
 
 
 def _build(model, epsilon, steps, step_size, random_start, padding):
-  def deform(images, flow_xy):
-    shape = tf.shape(images)
-    return common.deform(
-        images, warp.normalized_to_pixel_flow(flow_xy, shape[1], shape[2]),
-        padding)
-
   def attack(images, labels, seed):
     shape = tf.shape(images)
+    prepared = warp.prepare_image(images, padding)
+
+    def deform(flow_xy):
+      return common.deform(prepared, warp.normalized_to_pixel_flow(
+          flow_xy, shape[1], shape[2]))
+
     flow_shape = tf.stack([shape[0], shape[1], shape[2], 2])
     if random_start:
       flow_xy = tf.random.stateless_uniform(flow_shape, seed, -epsilon,
@@ -80,7 +80,7 @@ def _build(model, epsilon, steps, step_size, random_start, padding):
     def step(i, flow_xy):
       with tf.GradientTape() as tape:
         tape.watch(flow_xy)
-        logits = common.logits_of(model, deform(images, flow_xy))
+        logits = common.logits_of(model, deform(flow_xy))
         loss = tf.reduce_sum(
             tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
       grad = tape.gradient(loss, flow_xy)
@@ -90,7 +90,7 @@ def _build(model, epsilon, steps, step_size, random_start, padding):
 
     _, flow_xy = tf.while_loop(lambda i, _: i < steps, step,
                                (tf.constant(0), flow_xy))
-    adv = deform(images, flow_xy)
+    adv = deform(flow_xy)
     logits = common.logits_of(model, adv)
     flow = warp.normalized_to_pixel_flow(flow_xy, shape[1], shape[2])
     return dict(

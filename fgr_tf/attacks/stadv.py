@@ -3,6 +3,7 @@
 import tensorflow as tf
 
 from fgr_tf import errors
+from fgr_tf import warp
 from fgr_tf.attacks import common
 from fgr_tf.attacks import lbfgs as lbfgs_lib
 
@@ -123,7 +124,8 @@ def _build(model, kappa, steps, learning_rate, targeted, search_steps,
   beta1, beta2, adam_eps = 0.9, 0.999, 1e-8
 
   def evaluate(flow, images, labels, target, tau):
-    """[B] objective, [B] L_flow and logits of the flows [B, H, W, 2]."""
+    """[B] objective, [B] L_flow and logits of the flows [B, H, W, 2];
+    `images` prepared (`warp.prepare_image`)."""
     logits = common.logits_of(model, common.deform(images, flow))
     smooth = flow_smoothness(flow)
     margin = common.cw_margin(logits, labels, kappa,
@@ -195,12 +197,14 @@ def _build(model, kappa, steps, learning_rate, targeted, search_steps,
     batch = shape[0]
     flow = tf.zeros(tf.stack([batch, shape[1], shape[2], 2]))
     best = (flow, tf.fill([batch], float("inf")), tf.fill([batch], steps))
+    # Prepared once for the round's warps (`common.deform`).
+    prepared = warp.prepare_image(images)
     flow, (best_flow, best_smooth, first_success) = optimize(
-        images, labels, target, tau, flow, best)
+        prepared, labels, target, tau, flow, best)
     # Images that never succeeded keep the last flow.
     found = tf.math.is_finite(best_smooth)
     flow = tf.where(found[:, None, None, None], best_flow, flow)
-    adv = common.deform(images, flow)
+    adv = common.deform(prepared, flow)
     logits = common.logits_of(model, adv)
     target_or_none = target if targeted else None
     return dict(adv_images=adv, flow=flow,

@@ -134,6 +134,7 @@ def _build(model, padding, active_sets):
     """(index of the kept transform [B], transforms tried [B])."""
     batch = tf.shape(images)[0]
     tries = tf.shape(params)[0]
+    prepared = warp.prepare_image(images, padding)
 
     def body(i, best_loss, chosen, done, used):
       index = common.active_indices(tf.logical_not(done))
@@ -141,9 +142,10 @@ def _build(model, padding, active_sets):
       # The next `count` transforms for each of the n images, image-major.
       count = tf.minimum(tf.maximum(TRANSFORMS_BATCH // n, 1), tries - i)
       flows = flows_of(params[i:i + count], height, width)
-      adv = common.deform(
-          tf.repeat(tf.gather(images, index), count, axis=0),
-          tf.tile(flows, [n, 1, 1, 1]), padding)
+      repeated = tf.repeat(tf.gather(prepared.neighbourhoods, index), count,
+                           axis=0)
+      adv = common.deform(warp.PreparedImage(repeated, padding),
+                          tf.tile(flows, [n, 1, 1, 1]))
       logits = common.logits_of(model, adv)
       own = tf.repeat(tf.gather(labels, index), count)
       loss = tf.reshape(
