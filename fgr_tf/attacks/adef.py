@@ -69,11 +69,6 @@ def image_derivatives(images):
 JACOBIAN = True
 
 
-def _field_to_pixel_flow(field_xy):
-  """ADef samples x at p + tau(p), (x, y) order; our warp samples p - flow."""
-  return tf.stack([-field_xy[..., 1], -field_xy[..., 0]], axis=-1)
-
-
 def adef(model, images, labels, sigma=0.5, max_iter=100, overshoot=1.1,
          candidates=10, exact_gradient=True, jit_compile="auto"):
   """ADef: the smallest smooth deformation, by iterated linearization.
@@ -125,27 +120,31 @@ def _build(model, sigma, max_iter, overshoot, num_candidates, exact_gradient,
   fooled only (gathered, then scattered back), so an iteration costs what
   its remaining images need; else on the whole batch, finished images
   masked (fixed shapes, for XLA). `jacobian`: the candidates share one
-  forward pass (`JACOBIAN`). Same result either way."""
+  forward pass (`JACOBIAN`). Same result either way.
 
-  def deform(images, field):
-    return common.deform(images, _field_to_pixel_flow(field))
+  The field is kept as our warp's pixel flow (dy, dx) = -(tau_y, tau_x)
+  (ADef samples x at p + tau(p), (x, y) order; the warp at p - flow): a
+  signed swap of the channels, under which the gradients, their
+  smoothings, norms and steps are the same numbers (negation and order are
+  exact), so the loop needs no conversion."""
 
-  def linearization(images, labels, field, target):
-    """(f, alpha): f = Z_target - Z_label and d f / d field [B, H, W, 2]."""
+  def linearization(prepared, images, labels, flow, target):
+    """(f, alpha): f = Z_target - Z_label [B] and d f / d flow
+    [B, H, W, 2]."""
     if exact_gradient:
       with tf.GradientTape() as tape:
-        tape.watch(field)
-        z = common.logits_of(model, deform(images, field))
+        tape.watch(flow)
+        z = common.logits_of(model, common.deform(prepared, flow))
         f = (tf.gather(z, target, batch_dims=1) -
              tf.gather(z, labels, batch_dims=1))
         f_sum = tf.reduce_sum(f)
-      return f, tape.gradient(f_sum, field)
-    deformed = deform(images, field)
-    # Central differences of the original image, sampled where the field
-    # sends each pixel (d/d tau of x(p + tau(p))).
+      return f, tape.gradient(f_sum, flow)
+    deformed = common.deform(prepared, flow)
+    # Central differences of the original image, sampled where the flow
+    # sends each pixel (d/d tau of x(p + tau(p)); d/d flow = -d/d tau).
     derivatives = tf.concat(image_derivatives(images), axis=-1)
     channels = tf.shape(images)[3]
-    sampled = warp.dense_image_warp(derivatives, _field_to_pixel_flow(field))
+    sampled = warp.dense_image_warp(derivatives, flow)
     with tf.GradientTape() as tape:
       tape.watch(deformed)
       z = common.logits_of(model, deformed)
@@ -154,45 +153,59 @@ def _build(model, sigma, max_iter, overshoot, num_candidates, exact_gradient,
       f_sum = tf.reduce_sum(f)
     grad = tape.gradient(f_sum, deformed)
     return f, tf.stack(
-        [tf.reduce_sum(grad * sampled[..., :channels], -1),
-         tf.reduce_sum(grad * sampled[..., channels:], -1)], axis=-1)
+        [-tf.reduce_sum(grad * sampled[..., channels:], -1),
+         -tf.reduce_sum(grad * sampled[..., :channels], -1)], axis=-1)
 
-  def linearizations(images, labels, field, candidates):
-    """[(f, alpha)] of every candidate: one forward pass, then the k
-    candidates' backward passes as one batch (`tape.jacobian`)."""
+  def linearizations(prepared, images, labels, flow, candidates):
+    """f [k, B] and alpha [k, B, H, W, 2] of the k candidates: one forward
+    pass, then their backward passes as one batch (`tape.jacobian`)."""
     if not exact_gradient or not jacobian:
-      return [linearization(images, labels, field, candidates[:, j])
-              for j in range(candidates.shape[1])]
+      pairs = [linearization(prepared, images, labels, flow, candidates[:, j])
+               for j in range(candidates.shape[1])]
+      return (tf.stack([f for f, _ in pairs]),
+              tf.stack([alpha for _, alpha in pairs]))
     with tf.GradientTape() as tape:
-      tape.watch(field)
-      z = common.logits_of(model, deform(images, field))
+      tape.watch(flow)
+      z = common.logits_of(model, common.deform(prepared, flow))
       f = (tf.gather(z, candidates, batch_dims=1) -
            tf.gather(z, labels, batch_dims=1)[:, None])  # [B, k]
       f_sums = tf.reduce_sum(f, axis=0)
-    alphas = tape.jacobian(f_sums, field)  # [k, B, H, W, 2]
-    return [(f[:, j], alphas[j]) for j in range(candidates.shape[1])]
+    return tf.transpose(f), tape.jacobian(f_sums, flow)
 
-  def step(images, labels, candidates, field):
-    """One iteration on a batch: (the new field, fooled by it)."""
-    batch = tf.shape(images)[0]
+  def smooth(alphas):
+    """gaussian_smooth of [k, B, H, W, 2], the k candidates as one batch
+    (sigma 0: unchanged)."""
+    if sigma <= 0:
+      return alphas
+    shape = tf.shape(alphas)
+    return tf.reshape(gaussian_smooth(
+        tf.reshape(alphas, tf.concat([[-1], shape[2:]], 0)), sigma), shape)
+
+  def step(prepared, images, labels, candidates, flow):
+    """One iteration on a batch: (the new flow, fooled by it)."""
+    batch = tf.shape(flow)[0]
+    f, alphas = linearizations(prepared, images, labels, flow, candidates)
+    # foolbox: the norm after one smoothing, the step smoothed twice.
+    alphas = smooth(alphas)
+    norm2 = tf.reduce_sum(tf.square(alphas), axis=[2, 3, 4])
+    alphas = smooth(alphas)
+    scale = -overshoot * f / tf.maximum(norm2, 1e-12)  # [k, B]
+    steps = flow[None] + scale[:, :, None, None, None] * alphas
+    k = candidates.shape[1]
+    norms = tf.norm(tf.reshape(steps, [k, batch, -1]), axis=-1)
+    # The first candidate of the smallest norm (NaN and inf never win).
     best = tf.fill([batch], float("inf"))
-    best_field = field
-    for f, alpha in linearizations(images, labels, field, candidates):
-      if sigma > 0:
-        alpha = gaussian_smooth(alpha, sigma)
-        norm2 = tf.reduce_sum(tf.square(alpha), axis=[1, 2, 3])
-        alpha = gaussian_smooth(alpha, sigma)
-      else:
-        norm2 = tf.reduce_sum(tf.square(alpha), axis=[1, 2, 3])
-      scale = -overshoot * f / tf.maximum(norm2, 1e-12)
-      candidate = field + scale[:, None, None, None] * alpha
-      norm = tf.norm(tf.reshape(candidate, [batch, -1]), axis=-1)
-      take = norm < best
-      best = tf.where(take, norm, best)
-      best_field = tf.where(take[:, None, None, None], candidate, best_field)
+    choice = tf.zeros([batch], tf.int32)
+    for j in range(k):
+      take = norms[j] < best
+      best = tf.where(take, norms[j], best)
+      choice = tf.where(take, j, choice)
+    chosen = tf.gather_nd(steps, tf.stack([choice, tf.range(batch)], -1))
+    best_flow = tf.where((best < float("inf"))[:, None, None, None], chosen,
+                         flow)
     now = common.is_adversarial(
-        common.logits_of(model, deform(images, best_field)), labels)
-    return best_field, now
+        common.logits_of(model, common.deform(prepared, best_flow)), labels)
+    return best_flow, now
 
   def attack(images, labels):
     shape = tf.shape(images)
@@ -202,32 +215,35 @@ def _build(model, sigma, max_iter, overshoot, num_candidates, exact_gradient,
     k = min(num_candidates, classes - 1)
     others = logits - 1e9 * tf.one_hot(labels, classes)
     candidates = tf.math.top_k(others, k=k).indices  # [B, k]
-    field = tf.zeros(tf.stack([batch, shape[1], shape[2], 2]))
+    flow = tf.zeros(tf.stack([batch, shape[1], shape[2], 2]))
     done = common.is_adversarial(logits, labels)
     iterations = tf.zeros([batch], tf.int32)
+    prepared = warp.prepare_image(images)
 
-    def body(i, field, done, iterations):
+    def body(i, flow, done, iterations):
       if active_sets:
         index = common.active_indices(tf.logical_not(done))
-        new_field, now = step(*(tf.gather(t, index) for t in (
-            images, labels, candidates, field)))
-        return (i + 1, common.scatter(field, index, new_field),
+        new_flow, now = step(
+            warp.PreparedImage(tf.gather(prepared.neighbourhoods, index),
+                               prepared.padding),
+            *(tf.gather(t, index) for t in (images, labels, candidates,
+                                            flow)))
+        return (i + 1, common.scatter(flow, index, new_flow),
                 common.scatter(done, index, now),
                 tf.tensor_scatter_nd_add(iterations, index[:, None],
                                          tf.ones_like(index)))
-      best_field, now = step(images, labels, candidates, field)
+      best_flow, now = step(prepared, images, labels, candidates, flow)
       active = tf.logical_not(done)
-      field = tf.where(active[:, None, None, None], best_field, field)
+      flow = tf.where(active[:, None, None, None], best_flow, flow)
       iterations += tf.cast(active, tf.int32)
-      return i + 1, field, tf.logical_or(done, now), iterations
+      return i + 1, flow, tf.logical_or(done, now), iterations
 
-    _, field, _, iterations = tf.while_loop(
-        lambda i, field, done, it: tf.logical_and(
+    _, flow, _, iterations = tf.while_loop(
+        lambda i, flow, done, it: tf.logical_and(
             i < max_iter, tf.logical_not(tf.reduce_all(done))),
-        body, (tf.constant(0), field, done, iterations))
-    adv = deform(images, field)
+        body, (tf.constant(0), flow, done, iterations))
+    adv = common.deform(prepared, flow)
     adv_logits = common.logits_of(model, adv)
-    flow = _field_to_pixel_flow(field)
     return dict(adv_images=adv, flow=flow,
                 success=common.is_adversarial(adv_logits, labels),
                 iterations=iterations, t_norm=common.t_norm(flow),
