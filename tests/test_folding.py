@@ -72,9 +72,11 @@ def test_folded_inference_equals_the_float64_model(name, shape, pairs,
 
 
 @pytest.mark.parametrize("prepared", [False, True])
-def test_input_gradients_equal_the_unfolded_model(prepared):
-  """The attacks differentiate the folded function w.r.t. its input."""
-  name, shape, _, reduction, depth = BACKBONES[0]
+@pytest.mark.parametrize("backbone", [0, 2])
+def test_input_gradients_equal_the_unfolded_model(prepared, backbone):
+  """The attacks differentiate the folded function w.r.t. its input (the
+  prepared one pools before its ReLUs: `relu_pool_pairs`)."""
+  name, shape, _, reduction, depth = BACKBONES[backbone]
   keras.utils.set_random_seed(0)
   model = _with_trained_statistics(fgr_tf.backbones.build(name, 10, shape))
   float64 = _float64_copy(model, name, shape)
@@ -201,3 +203,29 @@ def test_attack_loops_carry_the_weights_read_once(monkeypatch):
   # gradient is at float32 round-off, none here).
   assert np.abs(flows[True]).max() > 0
   np.testing.assert_array_equal(flows[True], flows[False])
+
+
+def test_relus_before_max_pools_are_swapped_only_when_alone():
+  """VGG-11's five and the small CNN's two pools follow a ReLU; the
+  prepared function pools first (its ReLU then runs on the pooled map). A
+  ReLU whose output also feeds another layer is not swapped."""
+  for name, shape, pools in (("vgg11", (32, 32, 3), 5),
+                             ("small_cnn", (12, 12, 1), 2)):
+    model = fgr_tf.backbones.build(name, 10, shape)
+    assert len(folding.relu_pool_pairs(model)) == pools
+  inputs = keras.Input((4, 4, 2))
+  relu = keras.layers.ReLU()(inputs)
+  pooled = keras.layers.MaxPooling2D(2)(relu)
+  branch = keras.layers.MaxPooling2D(2)(keras.layers.Conv2D(2, 1)(relu))
+  model = keras.Model(inputs, keras.layers.Add()([pooled, branch]))
+  assert not folding.relu_pool_pairs(model)
+
+  model = _with_trained_statistics(
+      fgr_tf.backbones.build("small_cnn", 10, (12, 12, 1)))
+  graph = tf.function(_function(model, True)).get_concrete_function(
+      tf.TensorSpec([4, 12, 12, 1])).graph
+  relu_inputs = [op.inputs[0].shape.as_list() for op in graph.get_operations()
+                 if op.type == "Relu"]
+  # conv0's ReLU on its pooled 6x6 map, conv1's on 3x3, fc's on [4, 128].
+  assert [4, 6, 6, 32] in relu_inputs and [4, 3, 3, 64] in relu_inputs
+  assert [4, 12, 12, 32] not in relu_inputs
