@@ -207,14 +207,14 @@ def _sum_channels(t):
 
 @tf.custom_gradient
 def _interpolate(corners, alpha_y, alpha_x):
-  """Bilinear interpolation [B, H, W, C] of `_corners` [B, H, W, 4 C] with
-  weights alpha_y, alpha_x [B, H, W, 1] (towards the bottom / right).
+  """Bilinear interpolation [B, H, W, C] of the gathered neighbourhoods
+  `corners` [B, H, W, 4 C] (`PreparedImage`) with weights alpha_y, alpha_x
+  [B, H, W, 1] (towards the bottom / right).
 
   Same operation order as tfa, so forward values agree bit for bit. The
-  gradient is written out (the weights' two products summed over
-  channels, the corners' four), from the inputs only, so that it is
-  differentiable again; TF's gradients of the same expression took twice
-  the ops.
+  gradient is written out (the weights' products summed over channels,
+  the corners' four as one tensor, matching the gather's rows), from the
+  inputs only, so that it is differentiable again.
   """
   top_left, top_right, bottom_left, bottom_right = tf.split(corners, 4, -1)
   interp_top = alpha_x * (top_right - top_left) + top_left
