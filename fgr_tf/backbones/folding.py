@@ -37,6 +37,8 @@ from absl import logging
 import keras
 import tensorflow as tf
 
+from fgr_tf.backbones import few_channels
+
 _CACHE_ATTRIBUTE = "_fgr_tf_folded_inference"
 _FLOAT_DTYPES = ("float32", "float64")
 
@@ -148,23 +150,26 @@ def _prepared_folded_conv(conv, bn):
   """`_folded_conv` with the weights read, scaled and prepared
   (`gemm_conv.Conv2D.prepared_convolution_op`: Winograd's kernel
   transforms) now, once; the scale always goes into the kernel (a cost
-  paid once, not per call)."""
+  paid once, not per call). A first layer (few input channels) takes
+  `few_channels.conv_with_bias` (its input gradient by a matmul)."""
   dtype = conv.compute_dtype
   scale, shift = _scale_and_shift(conv, bn, dtype)
   kernel = tf.cast(tf.convert_to_tensor(conv.kernel), dtype) * scale
+  # The convolution's input shape in the model's graph.
+  # pylint: disable-next=protected-access
+  inputs_shape = conv._inbound_nodes[0].input_tensors[0].shape
   prepare = getattr(conv, "prepared_convolution_op", None)
-  if prepare is not None:
-    # The convolution's input shape in the model's graph.
-    # pylint: disable-next=protected-access
-    inputs_shape = conv._inbound_nodes[0].input_tensors[0].shape
+  if few_channels.applies(conv, inputs_shape, dtype):
+    with_bias = few_channels.conv_with_bias(kernel, shift)
+  elif prepare is not None:
     convolution = prepare(kernel, inputs_shape)
+    with_bias = lambda inputs: tf.nn.bias_add(convolution(inputs), shift)
   else:
-    convolution = lambda inputs: conv.convolution_op(inputs, kernel)
+    with_bias = lambda inputs: tf.nn.bias_add(
+        conv.convolution_op(inputs, kernel), shift)
 
   def call(inputs, **unused_kwargs):
-    inputs = tf.cast(inputs, dtype)
-    return tf.cast(tf.nn.bias_add(convolution(inputs), shift),
-                   bn.compute_dtype)
+    return tf.cast(with_bias(tf.cast(inputs, dtype)), bn.compute_dtype)
   return call
 
 

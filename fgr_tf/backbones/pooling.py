@@ -148,7 +148,7 @@ def _unpool_same_shape(dy, full_mask):
   return _pad_to(up, full_mask.shape) * full_mask
 
 
-def _in_pfor():
+def in_pfor():
   """Whether ops are being added to a loop body that `pfor` will vectorize
   (`tape.jacobian`, ADef): pfor inlines XLA functions and cannot vectorize
   their 6-d broadcasts; it traces its body under the name scope
@@ -159,8 +159,8 @@ def _in_pfor():
 
 def _in_while_loop():
   """Whether ops are being added to the body of a `tf.while_loop`, and not
-  to a loop body that `pfor` will vectorize (`_in_pfor`)."""
-  if _in_pfor():
+  to a loop body that `pfor` will vectorize (`in_pfor`)."""
+  if in_pfor():
     return False
   graph = tf.compat.v1.get_default_graph()
   while graph is not None:
@@ -208,7 +208,7 @@ def max_pool(x, size=(2, 2)):
 
     @tf.custom_gradient
     def first_derivative(dy):
-      if PFOR_MASK and _in_pfor():
+      if PFOR_MASK and in_pfor():
         dx = _unpool_same_shape(dy, full_mask())
       elif not _native_first_derivative():
         dx = _unpool(dy, mask(), x.shape)
@@ -220,7 +220,7 @@ def max_pool(x, size=(2, 2)):
                                     padding="VALID")
 
       def second_derivative(e):  # linear in e: differentiable again
-        if SECOND_DERIVATIVE == "xla" and not _in_pfor():
+        if SECOND_DERIVATIVE == "xla" and not in_pfor():
           return _pool_sum_by_xla(x, y, e, size)
         return _pool_sum(e, mask())
 
