@@ -21,6 +21,7 @@ from helpers import assert_close_float32, float32_tolerance
 adef_lib = importlib.import_module("fgr_tf.attacks.adef")
 flow_pgd_lib = importlib.import_module("fgr_tf.attacks.flow_pgd")
 worst_of_k_lib = importlib.import_module("fgr_tf.attacks.worst_of_k")
+stadv_lib = importlib.import_module("fgr_tf.attacks.stadv")
 
 ATTACK_SETTINGS = {
     "flow_pgd": dict(epsilon=0.05, steps=10),
@@ -287,11 +288,15 @@ def test_gaussian_smoothing_keeps_constants_and_spreads_a_delta():
                        depth=5)
 
 
+@pytest.mark.parametrize("by_xla", [False, True])
 @pytest.mark.parametrize("shape", [(3, 5, 7, 2), (2, 28, 28, 2)])
-def test_flow_smoothness_is_the_edge_padded_neighbour_sum(shape):
+def test_flow_smoothness_is_the_edge_padded_neighbour_sum(shape, by_xla,
+                                                          monkeypatch):
   """stAdv's L_flow as its definition: over every pixel and each of its 4
   neighbours in the edge-padded flow, sqrt(|difference|^2 + eps); values
-  and gradients against that definition in float64 (NumPy)."""
+  and gradients against that definition in float64 (NumPy), as TF ops and
+  as XLA computations (`SMOOTHNESS_BY_XLA`)."""
+  monkeypatch.setattr(stadv_lib, "SMOOTHNESS_BY_XLA", by_xla)
   rng = np.random.default_rng(0)
   flow = rng.normal(size=shape)
   eps = 0.25  # large enough that the border terms show in float32
