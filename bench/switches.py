@@ -17,7 +17,11 @@ BatchNorm's second-derivative elementwise passes by XLA
 (`train_batch_norm.ELEMENTWISE = "xla"`) against TF ops ("ops").
 `--switch=read_once`: attacks read, fold and transform the weights once
 per call, outside their loops (`attacks.common.READ_WEIGHTS_ONCE`),
-against at every use.
+against at every use. `--switch=xla_winograd`: the attacks' 8x8 layers by
+Winograd with XLA transforms (`gemm_conv.Conv2D.XLA_WINOGRAD_MAX_PIXELS`)
+against oneDNN's kernels. `--switch=first_layer`: the attacks' first-layer
+input gradient by a matmul (`few_channels.GRADIENT = "matmul"`) against
+oneDNN's ("native").
 Each of --traces rounds builds a fresh model
 per setting (so each gets its own trace: oneDNN's graph rewrites can
 differ between traces), runs one untimed call, then times --repeats calls
@@ -45,8 +49,11 @@ from absl import flags  # noqa: E402
 import fgr_tf  # noqa: E402
 from bench import steps  # noqa: E402
 from fgr_tf.attacks import common  # noqa: E402
+from fgr_tf.backbones import few_channels  # noqa: E402
+from fgr_tf.backbones import gemm_conv  # noqa: E402
 from fgr_tf.backbones import pooling  # noqa: E402
 from fgr_tf.backbones import train_batch_norm  # noqa: E402
+from fgr_tf.backbones import winograd  # noqa: E402
 
 SWITCHES = {
     # setting name -> function applying it before a model is built/traced.
@@ -63,6 +70,14 @@ SWITCHES = {
     "bn_second": {
         "on": lambda: setattr(train_batch_norm, "ELEMENTWISE", "xla"),
         "off": lambda: setattr(train_batch_norm, "ELEMENTWISE", "ops")},
+    "xla_winograd": {
+        "on": lambda: setattr(gemm_conv.Conv2D, "XLA_WINOGRAD_MAX_PIXELS",
+                              winograd.XLA_MAX_PIXELS),
+        "off": lambda: setattr(gemm_conv.Conv2D, "XLA_WINOGRAD_MAX_PIXELS",
+                               0)},
+    "first_layer": {
+        "on": lambda: setattr(few_channels, "GRADIENT", "matmul"),
+        "off": lambda: setattr(few_channels, "GRADIENT", "native")},
 }
 
 

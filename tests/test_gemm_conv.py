@@ -173,3 +173,36 @@ def test_winograd_takes_even_float_maps_only(monkeypatch):
       (4, 4, 3))
   monkeypatch.setattr(gemm_conv.Conv2D, "WINOGRAD", False)
   assert not batch_matmuls(gemm_conv.Conv2D(8, 3, padding="same"), (4, 4, 3))
+
+
+@pytest.mark.parametrize("shape,out_channels", [
+    ((3, 4, 4, 2), 6), ((2, 6, 4, 3), 4), ((1, 2, 8, 2), 3),
+    ((2, 8, 8, 5), 4)])
+def test_prepared_winograd_by_xla_equals_conv2d_with_derivatives(
+    shape, out_channels):
+  """`winograd.prepared_by_xla` (the attacks' 8x8 maps: the transforms
+  as XLA computations): values, first and second derivatives."""
+  _assert_equals_conv2d(lambda a, k: winograd.prepared_by_xla(k)(a), shape,
+                        out_channels, seed=4)
+
+
+def test_prepared_convolution_op_takes_xla_winograd_on_8x8_maps(monkeypatch):
+  """The attacks' 8x8 layers: Winograd with XLA transforms (an XLA
+  function call in the graph, no Conv2D), equal to conv2d; with
+  XLA_WINOGRAD_MAX_PIXELS = 0, oneDNN's Conv2D."""
+  rng = np.random.default_rng(5)
+  kernel = tf.constant(rng.normal(size=(3, 3, 4, 6)))
+  x = tf.constant(rng.normal(size=(2, 8, 8, 4)))
+  for max_pixels, conv_type in ((64, "PartitionedCall"), (0, "Conv2D")):
+    monkeypatch.setattr(gemm_conv.Conv2D, "XLA_WINOGRAD_MAX_PIXELS",
+                        max_pixels)
+    layer = gemm_conv.Conv2D(6, 3, padding="same", dtype="float64")
+    layer.build((None, 8, 8, 4))
+    call = layer.prepared_convolution_op(kernel, (None, 8, 8, 4))
+    np.testing.assert_allclose(call(x), tf.nn.conv2d(x, kernel, 1, "SAME"),
+                               rtol=1e-10, atol=1e-10)
+    graph = tf.function(call).get_concrete_function(
+        tf.TensorSpec((None, 8, 8, 4), tf.float64)).graph
+    types = {op.type for op in graph.get_operations()}
+    assert conv_type in types
+    assert ("Conv2D" in types) == (max_pixels == 0)

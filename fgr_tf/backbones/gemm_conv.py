@@ -157,14 +157,22 @@ class Conv2D(keras.layers.Conv2D):
   # ONEDNN_MAX_CPU_ISA=AVX2 42 vs 169 at 2x2, 161 / 87 vs 280 / 144 at
   # 4x4. At 8x8 neither wins on both ISAs and both channel counts
   # (Winograd 133 vs 144 AVX-512, 203 vs 225 AVX2 at 256 channels; 81 vs
-  # 73 and 124 vs 112 at 128), so oneDNN keeps them. Force either path
-  # with the environment variable FGR_TF_GEMM_MAX_PIXELS (0 = always
-  # oneDNN's kernels) or by setting this attribute before the model is
-  # traced.
+  # 73 and 124 vs 112 at 128), so oneDNN keeps them (in training; the
+  # attacks' loops: XLA_WINOGRAD_MAX_PIXELS). Force either path with the
+  # environment variable FGR_TF_GEMM_MAX_PIXELS (0 = always oneDNN's
+  # kernels; in the attacks with FGR_TF_XLA_WINOGRAD_MAX_PIXELS=0 too) or
+  # by setting this attribute before the model is traced.
   GEMM_MAX_PIXELS = int(os.environ.get("FGR_TF_GEMM_MAX_PIXELS", "16"))
   # Whether even-sized maps above SMALL_MAX_PIXELS take the Winograd form
   # (else im2col); FGR_TF_WINOGRAD=0 turns it off.
   WINOGRAD = os.environ.get("FGR_TF_WINOGRAD", "1") != "0"
+  # In the attacks' loops (`prepared_convolution_op`), even-sized maps of
+  # more than GEMM_MAX_PIXELS and at most this many pixels (VGG-11's 8x8
+  # layers) take Winograd with its transforms by XLA
+  # (`winograd.prepared_by_xla`), on CPUs; FGR_TF_XLA_WINOGRAD_MAX_PIXELS=0
+  # keeps oneDNN's kernels there.
+  XLA_WINOGRAD_MAX_PIXELS = int(os.environ.get(
+      "FGR_TF_XLA_WINOGRAD_MAX_PIXELS", str(winograd.XLA_MAX_PIXELS)))
 
   def convolution_op(self, inputs, kernel):
     if applies(inputs.shape, self.kernel_size, self.strides, self.padding,
@@ -180,15 +188,25 @@ class Conv2D(keras.layers.Conv2D):
     for inputs of `inputs_shape` (other shapes: `convolution_op`)."""
     kernel = tf.convert_to_tensor(kernel)
     inputs_shape = tf.TensorShape(inputs_shape)
+    unprepared = lambda inputs: self.convolution_op(inputs, kernel)
     if not (self.WINOGRAD and inputs_shape.rank == 4 and
             kernel.dtype in (tf.float32, tf.float64) and
             applies(inputs_shape, self.kernel_size, self.strides,
                     self.padding, self.dilation_rate, self.groups,
-                    self.data_format, self.GEMM_MAX_PIXELS) and
-            inputs_shape[1] * inputs_shape[2] > SMALL_MAX_PIXELS and
-            winograd.applies(inputs_shape[1], inputs_shape[2])):
-      return lambda inputs: self.convolution_op(inputs, kernel)
-    conv = winograd.prepared(kernel)
+                    self.data_format,
+                    max(self.GEMM_MAX_PIXELS, self.XLA_WINOGRAD_MAX_PIXELS))
+            and inputs_shape[1] % 2 == 0 and inputs_shape[2] % 2 == 0):
+      return unprepared
+    pixels = inputs_shape[1] * inputs_shape[2]
+    if pixels <= self.GEMM_MAX_PIXELS and winograd.applies(
+        inputs_shape[1], inputs_shape[2]):
+      if pixels <= SMALL_MAX_PIXELS:
+        return unprepared
+      conv = winograd.prepared(kernel)
+    elif tf.config.list_logical_devices("GPU"):
+      return unprepared
+    else:
+      conv = winograd.prepared_by_xla(kernel)
 
     def call(inputs):
       if inputs.shape[1:] != inputs_shape[1:] or inputs.dtype != kernel.dtype:
