@@ -229,3 +229,30 @@ def test_relus_before_max_pools_are_swapped_only_when_alone():
   # conv0's ReLU on its pooled 6x6 map, conv1's on 3x3, fc's on [4, 128].
   assert [4, 6, 6, 32] in relu_inputs and [4, 3, 3, 64] in relu_inputs
   assert [4, 12, 12, 32] not in relu_inputs
+
+
+def test_prepared_vgg_under_xla_equals_graph():
+  """The attacks under XLA (the GPU default) run the prepared function
+  compiled, its XLA pieces (Winograd's 8x8 transforms, the first layer's
+  input gradient) nested: same logits and input gradients as in a graph,
+  to float32 round-off."""
+  name, shape, _, reduction, depth = BACKBONES[0]
+  keras.utils.set_random_seed(0)
+  model = _with_trained_statistics(fgr_tf.backbones.build(name, 10, shape))
+  images = tf.constant(np.random.default_rng(3).uniform(size=(2,) + shape),
+                       tf.float32)
+
+  def logits_and_gradient(x):
+    function = folding.prepared_inference_function(model)()
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      logits = function(x)
+      loss = tf.reduce_sum(logits[:, 0])
+    return logits, tape.gradient(loss, x)
+
+  graph = tf.function(logits_and_gradient)(images)
+  xla = tf.function(logits_and_gradient, jit_compile=True)(images)
+  assert_close_float32(xla[0].numpy(), graph[0].numpy(), reduction, depth)
+  assert_close_float32(xla[1].numpy(), graph[1].numpy(), reduction,
+                       2 * depth)
+  assert np.abs(graph[1].numpy()).max() > 0
