@@ -256,3 +256,18 @@ def test_prepared_vgg_under_xla_equals_graph():
   assert_close_float32(xla[1].numpy(), graph[1].numpy(), reduction,
                        2 * depth)
   assert np.abs(graph[1].numpy()).max() > 0
+
+
+def test_a_varying_batch_keeps_the_8x8_layers_on_onednn():
+  """Attacks on shrinking active sets (ADef, worst-of-k) prepare without
+  XLA-compiled convolutions, which would compile once per batch size."""
+  model = fgr_tf.backbones.build("vgg11", 10, (32, 32, 3))
+
+  def conv2d_count(varying_batch):
+    function = folding.prepared_inference_function(model)(varying_batch)
+    graph = tf.function(function).get_concrete_function(
+        tf.TensorSpec([None, 32, 32, 3])).graph
+    return sum(op.type == "Conv2D" for op in graph.get_operations())
+
+  # VGG-11's two 8x8 layers.
+  assert conv2d_count(True) == conv2d_count(False) + 2

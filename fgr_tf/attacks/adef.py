@@ -110,7 +110,8 @@ def adef(model, images, labels, sigma=0.5, max_iter=100, overshoot=1.1,
          int(candidates), bool(exact_gradient), active_sets, JACOBIAN)
   attack = common.compiled(model, key, lambda: _build(
       model, float(sigma), int(max_iter), float(overshoot), int(candidates),
-      bool(exact_gradient), active_sets, JACOBIAN), jit_compile)
+      bool(exact_gradient), active_sets, JACOBIAN), jit_compile,
+      varying_batch=active_sets)
   return common.AttackResult(**attack(images, labels))
 
 

@@ -113,15 +113,17 @@ _prepared = _Prepared()
 
 
 @contextlib.contextmanager
-def weights_read_once(model):
+def weights_read_once(model, varying_batch=False):
   """Within the block, `logits_of(model, ...)` applies the model's weights
   as read (and folded, and transformed: `folding.
   prepared_inference_function`) at entry, so that attack loops traced in
   the block carry them as loop-invariant tensors instead of recomputing
   them at every iteration. Every compiled attack traces in one
-  (`compiled`): its weights are read once per call."""
+  (`compiled`): its weights are read once per call. `varying_batch`: the
+  loops' batch size changes between iterations (active sets), so nothing
+  is compiled by XLA per shape (`folding.prepared_inference_function`)."""
   _prepared.stack.append(
-      (model, folding.prepared_inference_function(model)()))
+      (model, folding.prepared_inference_function(model)(varying_batch)))
   try:
     yield
   finally:
@@ -264,7 +266,7 @@ _CACHE_ATTRIBUTE = "_fgr_tf_compiled_attacks"
 _warned_uncached = set()
 
 
-def compiled(model, key, build, jit_compile="auto"):
+def compiled(model, key, build, jit_compile="auto", varying_batch=False):
   """One tf.function per (model, key), so repeated batches do not retrace.
 
   The functions are cached on `model` (attribute `_fgr_tf_compiled_attacks`,
@@ -277,9 +279,11 @@ def compiled(model, key, build, jit_compile="auto"):
     key: hashable description of the attack's static settings.
     build: callable returning the Python function to compile.
     jit_compile: True, False or "auto" (`resolve_jit_compile`).
+    varying_batch: the attack's loops run on batches that shrink between
+      iterations (active sets; `weights_read_once`).
   """
   jit = resolve_jit_compile(jit_compile)
-  key = (key, jit)
+  key = (key, jit, varying_batch)
   unprepared_build = build
 
   def build():
@@ -291,7 +295,7 @@ def compiled(model, key, build, jit_compile="auto"):
     def attack(*args, **kwargs):
       if not READ_WEIGHTS_ONCE:
         return function(*args, **kwargs)
-      with weights_read_once(model):
+      with weights_read_once(model, varying_batch):
         return function(*args, **kwargs)
 
     return attack

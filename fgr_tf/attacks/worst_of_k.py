@@ -78,7 +78,8 @@ def worst_of_k(model, images, labels, max_angle=30.0, max_shift=0.1,
   active_sets = common.use_active_sets(jit_compile)
   attack = common.compiled(
       model, ("worst_of_k", padding, active_sets),
-      lambda: _build(model, padding, active_sets), jit_compile)
+      lambda: _build(model, padding, active_sets), jit_compile,
+      varying_batch=active_sets)
   return common.AttackResult(**attack(images, labels, params))
 
 

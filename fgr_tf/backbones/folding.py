@@ -146,12 +146,14 @@ def _folded_conv(conv, bn):
   return call
 
 
-def _prepared_folded_conv(conv, bn):
+def _prepared_folded_conv(conv, bn, varying_batch):
   """`_folded_conv` with the weights read, scaled and prepared
   (`gemm_conv.Conv2D.prepared_convolution_op`: Winograd's kernel
   transforms) now, once; the scale always goes into the kernel (a cost
   paid once, not per call). A first layer (few input channels) takes
-  `few_channels.conv_with_bias` (its input gradient by a matmul)."""
+  `few_channels.conv_with_bias` (its input gradient by a matmul).
+  `varying_batch`: no XLA-compiled convolutions (`gemm_conv.Conv2D.
+  prepared_convolution_op`'s `xla`)."""
   dtype = conv.compute_dtype
   scale, shift = _scale_and_shift(conv, bn, dtype)
   kernel = tf.cast(tf.convert_to_tensor(conv.kernel), dtype) * scale
@@ -162,7 +164,7 @@ def _prepared_folded_conv(conv, bn):
   if few_channels.applies(conv, inputs_shape, dtype):
     with_bias = few_channels.conv_with_bias(kernel, shift)
   elif prepare is not None:
-    convolution = prepare(kernel, inputs_shape)
+    convolution = prepare(kernel, inputs_shape, xla=not varying_batch)
     with_bias = lambda inputs: tf.nn.bias_add(convolution(inputs), shift)
   else:
     with_bias = lambda inputs: tf.nn.bias_add(
@@ -206,6 +208,8 @@ def prepared_inference_function(model):
   every iteration (the attacks: `attacks.common.compiled`). Same values as
   `inference_function` to float32 rounding (the scale always goes into
   the kernel). Cached on the model like `inference_function`.
+  `prepare(varying_batch=True)` for loops whose batch size changes
+  between iterations (XLA would compile its pieces once per size).
   """
   return _cached(model, _PREPARED_CACHE_ATTRIBUTE,
                  lambda: _build(model, True))
@@ -230,7 +234,8 @@ def _build(model, prepared):
   """The folded function (`prepared`: its `prepare` callable)."""
   pairs = foldable_pairs(model)
   if not pairs or os.environ.get("FGR_TF_FOLD_BATCHNORM", "1") == "0":
-    return (lambda: _unfolded(model)) if prepared else _unfolded(model)
+    return ((lambda varying_batch=False: _unfolded(model)) if prepared
+            else _unfolded(model))
   try:
     # pylint: disable-next=g-import-not-at-top
     from keras.src.models import functional
@@ -242,7 +247,8 @@ def _build(model, prepared):
   except (ImportError, AttributeError):
     logging.warning("This Keras has no functional graph API that fgr_tf "
                     "knows: inference runs with unfolded BatchNorms.")
-    return (lambda: _unfolded(model)) if prepared else _unfolded(model)
+    return ((lambda varying_batch=False: _unfolded(model)) if prepared
+            else _unfolded(model))
   folded_bns = {id(bn) for _, bn in pairs.values()}
   # Pooled before their ReLU (`relu_pool_pairs`): in the prepared function.
   swapped = relu_pool_pairs(model) if prepared else {}
@@ -271,8 +277,9 @@ def _build(model, prepared):
         {key: _folded_conv(*pair) for key, pair in pairs.items()})
 
   @tf.autograph.experimental.do_not_convert
-  def prepare():
+  def prepare(varying_batch=False):
     return with_convolutions(
-        {key: _prepared_folded_conv(*pair) for key, pair in pairs.items()})
+        {key: _prepared_folded_conv(*pair, varying_batch)
+         for key, pair in pairs.items()})
 
   return prepare

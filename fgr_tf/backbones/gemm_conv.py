@@ -182,10 +182,14 @@ class Conv2D(keras.layers.Conv2D):
                           self.WINOGRAD)
     return super().convolution_op(inputs, kernel)
 
-  def prepared_convolution_op(self, kernel, inputs_shape):
+  def prepared_convolution_op(self, kernel, inputs_shape, xla=True):
     """inputs -> `convolution_op(inputs, kernel)`, with the work that
     depends on the kernel alone (Winograd's kernel transforms) done now,
-    for inputs of `inputs_shape` (other shapes: `convolution_op`)."""
+    for inputs of `inputs_shape` (other shapes: `convolution_op`).
+    `xla`: whether maps up to XLA_WINOGRAD_MAX_PIXELS may take Winograd
+    with XLA transforms (False where the batch size changes from call to
+    call, e.g. attacks on shrinking active sets: XLA compiles once per
+    shape)."""
     kernel = tf.convert_to_tensor(kernel)
     inputs_shape = tf.TensorShape(inputs_shape)
     unprepared = lambda inputs: self.convolution_op(inputs, kernel)
@@ -194,7 +198,8 @@ class Conv2D(keras.layers.Conv2D):
             applies(inputs_shape, self.kernel_size, self.strides,
                     self.padding, self.dilation_rate, self.groups,
                     self.data_format,
-                    max(self.GEMM_MAX_PIXELS, self.XLA_WINOGRAD_MAX_PIXELS))
+                    max(self.GEMM_MAX_PIXELS,
+                        self.XLA_WINOGRAD_MAX_PIXELS if xla else 0))
             and inputs_shape[1] % 2 == 0 and inputs_shape[2] % 2 == 0):
       return unprepared
     pixels = inputs_shape[1] * inputs_shape[2]
