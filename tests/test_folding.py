@@ -260,14 +260,24 @@ def test_prepared_vgg_under_xla_equals_graph():
 
 def test_a_varying_batch_keeps_the_8x8_layers_on_onednn():
   """Attacks on shrinking active sets (ADef, worst-of-k) prepare without
-  XLA-compiled convolutions, which would compile once per batch size."""
+  XLA-compiled pieces, which would compile once per batch size."""
   model = fgr_tf.backbones.build("vgg11", 10, (32, 32, 3))
 
-  def conv2d_count(varying_batch):
+  def input_gradient_ops(varying_batch):
     function = folding.prepared_inference_function(model)(varying_batch)
-    graph = tf.function(function).get_concrete_function(
-        tf.TensorSpec([None, 32, 32, 3])).graph
-    return sum(op.type == "Conv2D" for op in graph.get_operations())
 
-  # VGG-11's two 8x8 layers.
-  assert conv2d_count(True) == conv2d_count(False) + 2
+    def input_gradient(x):
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        total = tf.reduce_sum(function(x))
+      return tape.gradient(total, x)
+
+    graph = tf.function(input_gradient).get_concrete_function(
+        tf.TensorSpec([None, 32, 32, 3])).graph
+    return [op.type for op in graph.get_operations()]
+
+  fixed, varying = input_gradient_ops(False), input_gradient_ops(True)
+  # TF's input gradients for VGG-11's first layer and its two 8x8 layers.
+  assert (varying.count("Conv2DBackpropInput") ==
+          fixed.count("Conv2DBackpropInput") + 3)
+  assert varying.count("Conv2D") == fixed.count("Conv2D") + 2

@@ -152,8 +152,9 @@ def _prepared_folded_conv(conv, bn, varying_batch):
   transforms) now, once; the scale always goes into the kernel (a cost
   paid once, not per call). A first layer (few input channels) takes
   `few_channels.conv_with_bias` (its input gradient by a matmul).
-  `varying_batch`: no XLA-compiled convolutions (`gemm_conv.Conv2D.
-  prepared_convolution_op`'s `xla`)."""
+  `varying_batch`: no XLA-compiled pieces (XLA compiles once per batch
+  size): neither of those, nor `gemm_conv.Conv2D.
+  prepared_convolution_op`'s `xla`."""
   dtype = conv.compute_dtype
   scale, shift = _scale_and_shift(conv, bn, dtype)
   kernel = tf.cast(tf.convert_to_tensor(conv.kernel), dtype) * scale
@@ -161,7 +162,7 @@ def _prepared_folded_conv(conv, bn, varying_batch):
   # pylint: disable-next=protected-access
   inputs_shape = conv._inbound_nodes[0].input_tensors[0].shape
   prepare = getattr(conv, "prepared_convolution_op", None)
-  if few_channels.applies(conv, inputs_shape, dtype):
+  if not varying_batch and few_channels.applies(conv, inputs_shape, dtype):
     with_bias = few_channels.conv_with_bias(kernel, shift)
   elif prepare is not None:
     convolution = prepare(kernel, inputs_shape, xla=not varying_batch)
