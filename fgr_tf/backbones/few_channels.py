@@ -23,6 +23,7 @@ import os
 import keras
 import tensorflow as tf
 
+from fgr_tf.backbones import gemm_conv
 from fgr_tf.backbones import pooling
 
 MAX_INPUT_CHANNELS = 4
@@ -34,12 +35,12 @@ def applies(conv, inputs_shape, dtype):
   takes `conv_with_bias`."""
   inputs_shape = tf.TensorShape(inputs_shape)
   return (GRADIENT == "matmul" and isinstance(conv, keras.layers.Conv2D) and
-          inputs_shape.rank == 4 and None not in inputs_shape[1:] and
+          inputs_shape.rank == 4 and
+          # 3x3, stride 1, "same", static H, W, C: the matmul forms' test.
+          gemm_conv.applies(inputs_shape, conv.kernel_size, conv.strides,
+                            conv.padding, conv.dilation_rate, conv.groups,
+                            conv.data_format, max_pixels=float("inf")) and
           inputs_shape[3] <= MAX_INPUT_CHANNELS and
-          tuple(conv.kernel_size) == (3, 3) and
-          tuple(conv.strides) == (1, 1) and conv.padding == "same" and
-          tuple(conv.dilation_rate) == (1, 1) and conv.groups == 1 and
-          conv.data_format == "channels_last" and
           tf.as_dtype(dtype) in (tf.float32, tf.float64) and
           not tf.config.list_logical_devices("GPU"))
 

@@ -139,9 +139,9 @@ PFOR_MASK = True
 
 
 def _unpool_same_shape(dy, full_mask):
-  """`_unpool` as 4-d ops (pfor adds a dimension; TF's broadcasting
-  kernels stop at 6): dy repeated over each window, times the [B, H, W, C]
-  mask."""
+  """`_unpool` as 4-d ops (pfor adds a dimension, and TF's broadcasting
+  kernels take at most 5: a 5-d form failed under pfor too): dy repeated
+  over each window, times the [B, H, W, C] mask."""
   ph = full_mask.shape[1] // dy.shape[1]
   pw = full_mask.shape[2] // dy.shape[2]
   up = tf.repeat(tf.repeat(dy, ph, axis=1), pw, axis=2)
