@@ -82,11 +82,15 @@ def test_attack_drives_accuracy_down(baseline, correct_test_set, name,
       adv_predictions)
   adv = result.adv_images.numpy()
   assert adv.shape == images.shape and adv.min() >= 0 and adv.max() <= 1
-  # float32 round-off: a bilinear warp sums 4 terms; a norm sums 2
-  # squares, then takes a square root.
+  # float32 round-off: a bilinear warp sums 4 terms, at a query point
+  # (pixel coordinate minus flow, up to H px) rounded to u * H px, which
+  # moves the value by up to that times the largest step between two
+  # pixels (<= 1 in [0, 1]); flow-PGD's deform converts its normalized flow
+  # inside that rounding (one product and difference, by XLA), the returned
+  # pixel flow outside. A norm sums 2 squares, then takes a square root.
   assert_close_float32(
       adv, np.clip(fgr_tf.dense_image_warp(images, result.flow), 0, 1),
-      reduction=4)
+      reduction=4, scale=max(images.shape[1:3]))
   assert_close_float32(
       result.t_norm, np.linalg.norm(result.flow, axis=-1).max(axis=(1, 2)),
       reduction=2, depth=2)

@@ -41,7 +41,7 @@ def _context(model, setting):
 
 
 def _derivatives(model, setting, padding, images, flow, cotangent,
-                 direction):
+                 direction, normalized=False):
   """deform, d/d images and d/d flow of <cotangent, deform>, and the
   flow-flow second derivative applied to `direction`."""
 
@@ -52,7 +52,8 @@ def _derivatives(model, setting, padding, images, flow, cotangent,
         outer.watch(flow)
         with tf.GradientTape() as tape:
           tape.watch([images, flow])
-          deformed = common.deform(warp.prepare_image(images, padding), flow)
+          deformed = common.deform(warp.prepare_image(images, padding),
+                                   flow, normalized=normalized)
           total = tf.reduce_sum(deformed * cotangent)
         d_images, d_flow = tape.gradient(total, [images, flow])
         along = tf.reduce_sum(d_flow * direction)
@@ -61,9 +62,13 @@ def _derivatives(model, setting, padding, images, flow, cotangent,
   return [t.numpy() for t in run(images, flow)]
 
 
-@pytest.mark.parametrize("padding", ["edge", "zeros"])
-def test_xla_deform_equals_ops_to_round_off(model, padding):
-  case = _case(0)
+@pytest.mark.parametrize("padding,normalized", [
+    ("edge", False), ("zeros", False), ("edge", True)])
+def test_xla_deform_equals_ops_to_round_off(model, padding, normalized):
+  images, flow, cotangent, direction = _case(0)
+  if normalized:  # flow-PGD's: normalized (x, y) flows, here up to ~3 px
+    flow = flow / SIZE
+  case = images, flow, cotangent, direction, normalized
   by_ops = _derivatives(model, "ops", padding, *case)
   by_xla = _derivatives(model, "fixed", padding, *case)
   # deform: an interpolation of 4 values (depth 2: the corner weights);

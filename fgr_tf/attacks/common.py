@@ -156,22 +156,23 @@ def cw_margin(logits, labels, kappa=0.0, target=None):
   return tf.maximum(margin, -kappa)
 
 
-def deform(images, flow, padding="edge"):
+def deform(images, flow, padding="edge", normalized=False):
   """The deformed image every attack returns: `dense_image_warp` by the
   pixel flow [B, H, W, 2] (dy, dx), clipped to [0, 1] (`warp.
   clip_unit_interval`: TF's clip and its gradient, in one select).
 
   `images` [B, H, W, C], or `warp.prepare_image(images, padding)` (its own
   padding then): attacks prepare their images once, outside their loops.
-  Inside an attack compiled on a fixed batch (`weights_read_once`), the
-  warp, the clip and their gradients run as XLA computations
-  (`DEFORM_BY_XLA`).
+  `normalized`: `flow` is a normalized (x, y) flow instead, converted by
+  `warp.normalized_to_pixel_flow`. Inside an attack compiled on a fixed
+  batch (`weights_read_once`), the conversion, the warp, the clip and
+  their gradients run as XLA computations (`DEFORM_BY_XLA`).
   """
   if not isinstance(images, warp.PreparedImage):
     images = warp.prepare_image(images, padding)
   if DEFORM_BY_XLA and _prepared.stack and not _prepared.stack[-1][2]:
-    return _deform_by_xla(images, flow)
-  return _deform_ops(images.neighbourhoods, flow, images.padding)
+    return _deform_by_xla(images, flow, normalized)
+  return _deform_ops(images.neighbourhoods, flow, images.padding, normalized)
 
 
 # Whether `deform` runs as XLA computations in attacks compiled on a fixed
@@ -188,32 +189,34 @@ def deform(images, flow, padding="edge"):
 DEFORM_BY_XLA = os.environ.get("FGR_TF_DEFORM", "xla") == "xla"
 
 
-def _deform_ops(neighbourhoods, flow, padding):
+def _deform_ops(neighbourhoods, flow, padding, normalized):
   """`deform` of prepared images, as TF ops."""
-  return warp.clip_unit_interval(warp.warp_prepared(
-      warp.PreparedImage(neighbourhoods, padding), flow))
+  prepared = warp.PreparedImage(neighbourhoods, padding)
+  if normalized:
+    flow = warp.normalized_to_pixel_flow(flow, *prepared.image_size())
+  return warp.clip_unit_interval(warp.warp_prepared(prepared, flow))
 
 
 @tf.function(jit_compile=True)
-def _deform_ops_by_xla(neighbourhoods, flow, padding):
-  return _deform_ops(neighbourhoods, flow, padding)
+def _deform_ops_by_xla(neighbourhoods, flow, padding, normalized):
+  return _deform_ops(neighbourhoods, flow, padding, normalized)
 
 
-def _deform_vjp(neighbourhoods, flow, upstream, padding, wrt):
+def _deform_vjp(neighbourhoods, flow, upstream, padding, normalized, wrt):
   """d/d `wrt` ("flow" or "image") of sum(upstream * deform), TF's ops."""
   source = flow if wrt == "flow" else neighbourhoods
   with tf.GradientTape() as tape:
     tape.watch(source)
-    deformed = _deform_ops(neighbourhoods, flow, padding)
+    deformed = _deform_ops(neighbourhoods, flow, padding, normalized)
   return tape.gradient(deformed, source, output_gradients=upstream)
 
 
 _deform_vjp_by_xla = tf.function(_deform_vjp, jit_compile=True)
 
 
-def _deform_by_xla(prepared, flow):
-  """`deform(prepared, flow)` and its gradients by XLA (TF's under pfor;
-  differentiable again)."""
+def _deform_by_xla(prepared, flow, normalized):
+  """`deform(prepared, flow, normalized=normalized)` and its gradients by
+  XLA (TF's ops under pfor; differentiable again)."""
 
   @tf.custom_gradient
   def call(neighbourhoods, flow):
@@ -221,10 +224,10 @@ def _deform_by_xla(prepared, flow):
 
     def grad(upstream):
       vjp = _deform_vjp if pooling.in_pfor() else _deform_vjp_by_xla
-      return tuple(vjp(neighbourhoods, flow, upstream, padding, wrt)
-                   for wrt in ("image", "flow"))
+      return tuple(vjp(neighbourhoods, flow, upstream, padding, normalized,
+                       wrt) for wrt in ("image", "flow"))
 
-    return _deform_ops_by_xla(neighbourhoods, flow, padding), grad
+    return _deform_ops_by_xla(neighbourhoods, flow, padding, normalized), grad
 
   return call(prepared.neighbourhoods,
               tf.cast(flow, prepared.neighbourhoods.dtype))

@@ -67,8 +67,7 @@ def _build(model, epsilon, steps, step_size, random_start, padding):
     prepared = warp.prepare_image(images, padding)
 
     def deform(flow_xy):
-      return common.deform(prepared, warp.normalized_to_pixel_flow(
-          flow_xy, shape[1], shape[2]))
+      return common.deform(prepared, flow_xy, normalized=True)
 
     flow_shape = tf.stack([shape[0], shape[1], shape[2], 2])
     if random_start:
