@@ -21,7 +21,9 @@ against at every use. `--switch=xla_winograd`: the attacks' 8x8 layers by
 Winograd with XLA transforms (`gemm_conv.Conv2D.XLA_WINOGRAD_MAX_PIXELS`)
 against oneDNN's kernels. `--switch=first_layer`: the attacks' first-layer
 input gradient by a matmul (`few_channels.GRADIENT = "matmul"`) against
-oneDNN's ("native").
+oneDNN's ("native"). `--switch=deform`: the attacks' deform (warp, clip,
+their gradients) as XLA computations (`attacks.common.DEFORM_BY_XLA`)
+against TF ops.
 Each of --traces rounds builds a fresh model
 per setting (so each gets its own trace: oneDNN's graph rewrites can
 differ between traces), runs one untimed call, then times --repeats calls
@@ -78,6 +80,8 @@ SWITCHES = {
     "first_layer": {
         "on": lambda: setattr(few_channels, "GRADIENT", "matmul"),
         "off": lambda: setattr(few_channels, "GRADIENT", "native")},
+    "deform": {"on": lambda: setattr(common, "DEFORM_BY_XLA", True),
+               "off": lambda: setattr(common, "DEFORM_BY_XLA", False)},
 }
 
 

@@ -45,6 +45,7 @@ def test_switches_bench_runs_and_restores_the_defaults(switch):
   assert fgr_tf.backbones.pooling.LOOP_GRADIENT == "xla"
   assert fgr_tf.backbones.pooling.SECOND_DERIVATIVE == "xla"
   assert fgr_tf.backbones.train_batch_norm.ELEMENTWISE == "xla"
+  assert fgr_tf.attacks.common.DEFORM_BY_XLA
   assert "FGR_TF_FOLD_BATCHNORM" not in os.environ
 
 
