@@ -221,7 +221,7 @@ def _tile_rows(x, axis):
   i = 0..3, t < T (each tile's 4 rows or columns of the map zero-padded
   by one on both sides). The padding enters only the first and last
   tiles' outer rows: no padded copy of the map (XLA made one, a pass of
-  its own: 1 ms of the 8x8x256 transform's 4)."""
+  its own: 0.6-0.9 of the 8x8x256 transform's ~4.1 ms)."""
   count = x.shape[axis] // 2
   shape = [-1] + x.shape.as_list()[1:]
   shape[axis:axis + 1] = [count, 2]
