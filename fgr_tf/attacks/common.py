@@ -181,11 +181,11 @@ def deform(images, flow, padding="edge", normalized=False):
 # interpolation and the clip, forward and backward). Measured alone (a
 # scratch loop of deform + flow gradient, Xeon, AVX-512): 4.9 -> 2.2 ms
 # per step on [250, 28, 28, 1], 8.3 -> 2.2 on [128, 32, 32, 3]. Same
-# operations; XLA may fuse a product and a sum into one rounding (values
-# within an ulp of TF's). Not with shrinking batches (XLA compiles once
-# per shape); under pfor (ADef's jacobian) the gradient is TF's ops, as
-# elsewhere in the attacks' prepared path. FGR_TF_DEFORM=ops turns it
-# off.
+# operations; XLA may fuse a product and a sum into one rounding (the
+# query point within an ulp of TF's). Not with shrinking batches (XLA
+# compiles once per shape); under pfor (ADef's jacobian) the gradient is
+# TF's ops, as elsewhere in the attacks' prepared path. FGR_TF_DEFORM=ops
+# turns it off.
 DEFORM_BY_XLA = os.environ.get("FGR_TF_DEFORM", "xla") == "xla"
 
 
