@@ -93,9 +93,9 @@ def logits_of(model, images):
   """Inference-mode logits in float32 (BatchNorm uses moving statistics,
   folded into the convolution before it: `folding.inference_function`).
   Inside `weights_read_once(model)`, with the weights as prepared there."""
-  for prepared_model, function, _ in reversed(_prepared.stack):
-    if prepared_model is model:
-      return tf.cast(function(images), tf.float32)
+  for entry in reversed(_prepared.stack):
+    if entry.model is model:
+      return tf.cast(entry.function(images), tf.float32)
   return tf.cast(folding.inference_function(model)(images), tf.float32)
 
 
@@ -104,11 +104,18 @@ def logits_of(model, images):
 READ_WEIGHTS_ONCE = os.environ.get("FGR_TF_READ_WEIGHTS_ONCE", "1") != "0"
 
 
+class _PreparedModel(typing.NamedTuple):
+  """A `weights_read_once` block's model, its prepared inference function
+  (images -> outputs) and whether the block's batches vary in size."""
+  model: typing.Any
+  function: typing.Callable
+  varying_batch: bool
+
+
 class _Prepared(threading.local):
   def __init__(self):
     super().__init__()
-    # (model, images -> outputs with prepared weights, varying_batch)
-    self.stack = []
+    self.stack = []  # _PreparedModel, innermost last
 
 
 _prepared = _Prepared()
@@ -124,9 +131,9 @@ def weights_read_once(model, varying_batch=False):
   (`compiled`): its weights are read once per call. `varying_batch`: the
   loops' batch size changes between iterations (active sets), so nothing
   is compiled by XLA per shape (`folding.prepared_inference_function`)."""
-  _prepared.stack.append(
-      (model, folding.prepared_inference_function(model)(varying_batch),
-       varying_batch))
+  _prepared.stack.append(_PreparedModel(
+      model, folding.prepared_inference_function(model)(varying_batch),
+      varying_batch))
   try:
     yield
   finally:
@@ -168,11 +175,19 @@ def deform(images, flow, padding="edge", normalized=False):
   batch (`weights_read_once`), the conversion, the warp, the clip and
   their gradients run as XLA computations (`DEFORM_BY_XLA`).
   """
-  if not isinstance(images, warp.PreparedImage):
-    images = warp.prepare_image(images, padding)
-  if DEFORM_BY_XLA and _prepared.stack and not _prepared.stack[-1][2]:
+  images = as_prepared(images, padding)
+  fixed_batch = _prepared.stack and not _prepared.stack[-1].varying_batch
+  if DEFORM_BY_XLA and fixed_batch:
     return _deform_by_xla(images, flow, normalized)
   return _deform_ops(images.neighbourhoods, flow, images.padding, normalized)
+
+
+def as_prepared(images, padding="edge"):
+  """`images` [B, H, W, C] prepared for warps (`warp.prepare_image`), or
+  `images` itself if already a `warp.PreparedImage` (its own padding)."""
+  if isinstance(images, warp.PreparedImage):
+    return images
+  return warp.prepare_image(images, padding)
 
 
 # Whether `deform` runs as XLA computations in attacks compiled on a fixed
@@ -240,7 +255,8 @@ def first_fooling_or_worst(model, images, labels, flow_of, count,
   model, else the one with the highest cross-entropy.
 
   Args:
-    model, images, labels: as the attacks take them.
+    model, images, labels: as the attacks take them; `images` may be
+      prepared (`as_prepared`, its own padding then).
     flow_of: i (int32 scalar) -> [B, H, W, 2] pixel flow of try i.
     count: number of tries (int or int32 scalar).
     flow_shape: [4] int32, the flows' shape [B, H, W, 2].
@@ -251,7 +267,7 @@ def first_fooling_or_worst(model, images, labels, flow_of, count,
     including the first fooling one, else all).
   """
   batch = flow_shape[0]
-  prepared = warp.prepare_image(images, padding)
+  prepared = as_prepared(images, padding)
 
   def body(i, best_loss, best_flow, done, used):
     flow = flow_of(i)

@@ -57,9 +57,11 @@ def _build(model, epsilon, tries, padding):
           flow_shape, tf.stack([seed[0], seed[1] + i]), -epsilon, epsilon)
       return warp.normalized_to_pixel_flow(flow_xy, shape[1], shape[2])
 
+    # Prepared once, for the search and the result.
+    prepared = warp.prepare_image(images, padding)
     flow, used = common.first_fooling_or_worst(
-        model, images, labels, flow_of, tries, flow_shape, padding)
-    adv = common.deform(images, flow, padding)
+        model, prepared, labels, flow_of, tries, flow_shape)
+    adv = common.deform(prepared, flow)
     logits = common.logits_of(model, adv)
     return dict(adv_images=adv, flow=flow,
                 success=common.is_adversarial(logits, labels),

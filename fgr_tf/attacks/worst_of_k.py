@@ -104,22 +104,26 @@ def _build(model, padding, active_sets):
   def attack(images, labels, params):
     shape = tf.shape(images)
     batch, height, width = shape[0], shape[1], shape[2]
+    # Prepared once, for the search and the result.
+    prepared = warp.prepare_image(images, padding)
     if active_sets:
-      chosen, used = _search_active(images, labels, params, height, width)
+      chosen, used = _search_active(prepared, labels, params, batch, height,
+                                    width)
       # The transform each image keeps; -1 (none: NaN losses) is no flow.
       flow = flows_of(tf.gather(params, tf.maximum(chosen, 0)), height, width)
       flow = tf.where((chosen >= 0)[:, None, None, None], flow,
                       tf.zeros_like(flow))
     else:
-      flow, used = _search_fixed(images, labels, params, batch, height, width)
-    adv = common.deform(images, flow, padding)
+      flow, used = _search_fixed(prepared, labels, params, batch, height,
+                                 width)
+    adv = common.deform(prepared, flow)
     logits = common.logits_of(model, adv)
     return dict(adv_images=adv, flow=flow,
                 success=common.is_adversarial(logits, labels),
                 iterations=used, t_norm=common.t_norm(flow),
                 adv_logits=logits)
 
-  def _search_fixed(images, labels, params, batch, height, width):
+  def _search_fixed(prepared, labels, params, batch, height, width):
     h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
     ones = tf.ones([batch])
 
@@ -128,14 +132,12 @@ def _build(model, padding, active_sets):
                         p[2] * w * ones)
 
     return common.first_fooling_or_worst(
-        model, images, labels, lambda i: flow_of(params[i]),
-        tf.shape(params)[0], tf.stack([batch, height, width, 2]), padding)
+        model, prepared, labels, lambda i: flow_of(params[i]),
+        tf.shape(params)[0], tf.stack([batch, height, width, 2]))
 
-  def _search_active(images, labels, params, height, width):
+  def _search_active(prepared, labels, params, batch, height, width):
     """(index of the kept transform [B], transforms tried [B])."""
-    batch = tf.shape(images)[0]
     tries = tf.shape(params)[0]
-    prepared = warp.prepare_image(images, padding)
 
     def body(i, best_loss, chosen, done, used):
       index = common.active_indices(tf.logical_not(done))
