@@ -292,6 +292,36 @@ def test_gaussian_smoothing_keeps_constants_and_spreads_a_delta():
                        depth=5)
 
 
+@pytest.mark.parametrize("matrix_max_size", [0, 64])
+@pytest.mark.parametrize("sigma", [0.5, 1.0])
+@pytest.mark.parametrize("shape", [(3, 28, 28, 2), (2, 9, 15, 3)])
+def test_gaussian_smoothing_is_the_reflect_padded_blur(shape, sigma,
+                                                       matrix_max_size,
+                                                       monkeypatch):
+  """Both forms (the blur matrices, and the depthwise convolutions of the
+  reflect-padded field) against the definition in float64: per axis, the
+  field padded by scipy's 'reflect' (numpy's "symmetric"), then the
+  (2 r + 1)-tap weighted sum."""
+  monkeypatch.setattr(importlib.import_module("fgr_tf.attacks.adef"),
+                      "MATRIX_MAX_SIZE", matrix_max_size)
+  field = np.random.default_rng(5).normal(size=shape).astype(np.float32)
+  radius = int(4 * sigma + 0.5)
+  taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+  taps /= taps.sum()
+  expected = field.astype(np.float64)
+  for axis in (1, 2):
+    padding = [(0, 0)] * 4
+    padding[axis] = (radius, radius)
+    padded = np.pad(expected, padding, mode="symmetric")
+    size = expected.shape[axis]
+    expected = sum(taps[t] * np.take(padded, range(t, t + size), axis=axis)
+                   for t in range(2 * radius + 1))
+  # Two (2 r + 1)-term sums (the matrices add exact zeros too), the
+  # kernel's normalization (a sum of 2 r + 1 terms) before them.
+  assert_close_float32(gaussian_smooth(tf.constant(field), sigma), expected,
+                       reduction=2 * radius + 1, depth=3)
+
+
 @pytest.mark.parametrize("by_xla", [False, True])
 @pytest.mark.parametrize("shape", [(3, 5, 7, 2), (2, 28, 28, 2)])
 def test_flow_smoothness_is_the_edge_padded_neighbour_sum(shape, by_xla,
