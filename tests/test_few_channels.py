@@ -14,7 +14,9 @@ def _reference(x, kernel, bias):
 
 @pytest.mark.parametrize("shape", [(3, 6, 5, 1), (2, 4, 7, 3)])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_values_and_gradients_equal_tf_conv2d_in_float64(shape, compiled):
+@pytest.mark.parametrize("xla", [True, False])
+def test_values_and_gradients_equal_tf_conv2d_in_float64(shape, compiled,
+                                                         xla):
   rng = np.random.default_rng(0)
   x = tf.constant(rng.normal(size=shape))
   kernel = tf.constant(rng.normal(size=(3, 3, shape[3], 8)))
@@ -28,7 +30,7 @@ def test_values_and_gradients_equal_tf_conv2d_in_float64(shape, compiled):
       total = tf.reduce_sum(y * cot)
     return [y] + tape.gradient(total, [x, kernel, bias])
 
-  ours = lambda x, k, b: few_channels.conv_with_bias(k, b)(x)
+  ours = lambda x, k, b: few_channels.conv_with_bias(k, b, xla)(x)
   if compiled:
     ours = tf.function(ours)
   for a, b in zip(value_and_grads(ours), value_and_grads(_reference)):
@@ -53,32 +55,42 @@ def test_second_derivatives_of_the_input_gradient():
 
   native = lambda dy, k: tf.nn.conv2d_transpose(dy, k, [2, 5, 6, 2], 1,
                                                 "SAME")
-  for a, b in zip(grads(few_channels.input_gradient), grads(native)):
-    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0,
-                               atol=1e-13 * np.abs(b.numpy()).max())
+  for ours in (few_channels.input_gradient,
+               few_channels.input_gradient_by_ops):
+    for a, b in zip(grads(ours), grads(native)):
+      np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0,
+                                 atol=1e-13 * np.abs(b.numpy()).max())
 
 
-def test_under_pfor_the_jacobian_equals_the_loop():
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_under_pfor_the_jacobian_equals_the_loop_and_tf(in_channels):
   """ADef's `tape.jacobian` vectorizes the gradient with pfor, which
-  cannot vectorize the XLA call: there it is TF's own."""
+  cannot vectorize the XLA call: there it is `input_gradient_by_ops`;
+  the loop (no pfor) runs the XLA form; both equal TF's convolution."""
   rng = np.random.default_rng(2)
-  x = tf.constant(rng.normal(size=(2, 5, 5, 1)))
-  kernel = tf.constant(rng.normal(size=(3, 3, 1, 3)))
-  conv = few_channels.conv_with_bias(kernel, tf.zeros([3], tf.float64))
+  x = tf.constant(rng.normal(size=(2, 5, 6, in_channels)))
+  kernel = tf.constant(rng.normal(size=(3, 3, in_channels, 3)))
+  bias = tf.zeros([3], tf.float64)
+  convs = (few_channels.conv_with_bias(kernel, bias),
+           lambda x: _reference(x, kernel, bias))
 
   @tf.function
   def jacobians():
     out = []
-    for vectorize in (True, False):
+    for conv, vectorize in ((convs[0], True), (convs[0], False),
+                            (convs[1], False)):
       with tf.GradientTape() as tape:
         tape.watch(x)
         y = tf.reduce_sum(conv(x) ** 2, axis=[0, 1, 2])  # [3]
       out.append(tape.jacobian(y, x, experimental_use_pfor=vectorize))
     return out
 
-  vectorized, looped = jacobians()
-  np.testing.assert_allclose(vectorized.numpy(), looped.numpy(), rtol=1e-12)
-  assert np.abs(looped.numpy()).max() > 0.1
+  vectorized, looped, reference = jacobians()
+  scale = np.abs(reference.numpy()).max()
+  assert scale > 0.1
+  for ours in (vectorized, looped):
+    np.testing.assert_allclose(ours.numpy(), reference.numpy(), rtol=0,
+                               atol=1e-13 * scale)
 
 
 def test_applies_to_first_layers_only():

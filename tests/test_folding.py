@@ -276,10 +276,17 @@ def test_a_varying_batch_keeps_the_8x8_layers_on_onednn():
 
     graph = tf.function(input_gradient).get_concrete_function(
         tf.TensorSpec([None, 32, 32, 3])).graph
-    return [op.type for op in graph.get_operations()]
+    types = [op.type for op in graph.get_operations()]
+    xla_calls = sum(1 for op in graph.get_operations()
+                    if "_XlaMustCompile" in op.node_def.attr)
+    return types, xla_calls
 
-  fixed, varying = input_gradient_ops(False), input_gradient_ops(True)
-  # TF's input gradients for VGG-11's first layer and its two 8x8 layers.
+  (fixed, fixed_xla), (varying, varying_xla) = (input_gradient_ops(False),
+                                                input_gradient_ops(True))
+  assert fixed_xla > 0 and varying_xla == 0
+  # TF's input gradients for VGG-11's two 8x8 layers, whose forward
+  # convolutions are TF's too, and the first layer's input gradient by
+  # TF ops (`few_channels.input_gradient_by_ops`: one more convolution).
   assert (varying.count("Conv2DBackpropInput") ==
-          fixed.count("Conv2DBackpropInput") + 3)
-  assert varying.count("Conv2D") == fixed.count("Conv2D") + 2
+          fixed.count("Conv2DBackpropInput") + 2)
+  assert varying.count("Conv2D") == fixed.count("Conv2D") + 3

@@ -153,7 +153,7 @@ def _prepared_folded_conv(conv, bn, varying_batch):
   paid once, not per call). A first layer (few input channels) takes
   `few_channels.conv_with_bias` (its input gradient by a matmul).
   `varying_batch`: no XLA-compiled pieces (XLA compiles once per batch
-  size): neither of those, nor `gemm_conv.Conv2D.
+  size): the first layer's gradient by TF ops, and no `gemm_conv.Conv2D.
   prepared_convolution_op`'s `xla`."""
   dtype = conv.compute_dtype
   scale, shift = _scale_and_shift(conv, bn, dtype)
@@ -162,8 +162,9 @@ def _prepared_folded_conv(conv, bn, varying_batch):
   # pylint: disable-next=protected-access
   inputs_shape = conv._inbound_nodes[0].input_tensors[0].shape
   prepare = getattr(conv, "prepared_convolution_op", None)
-  if not varying_batch and few_channels.applies(conv, inputs_shape, dtype):
-    with_bias = few_channels.conv_with_bias(kernel, shift)
+  if few_channels.applies(conv, inputs_shape, dtype):
+    with_bias = few_channels.conv_with_bias(kernel, shift,
+                                            xla=not varying_batch)
   elif prepare is not None:
     convolution = prepare(kernel, inputs_shape, xla=not varying_batch)
     with_bias = lambda inputs: tf.nn.bias_add(convolution(inputs), shift)
