@@ -42,9 +42,12 @@ def _float64_copy(model, name, shape):
 
 def _function(model, prepared):
   """The folded inference function; `prepared`: its loop form (weights
-  read and transformed by `prepare()`, here at every call)."""
+  read and transformed by `prepare()`, here at every call), "varying" its
+  form for batches that change size (`prepare(varying_batch=True)`: no
+  XLA pieces)."""
   if prepared:
-    return lambda x: folding.prepared_inference_function(model)()(x)
+    varying = prepared == "varying"
+    return lambda x: folding.prepared_inference_function(model)(varying)(x)
   return folding.inference_function(model)
 
 
@@ -71,11 +74,13 @@ def test_folded_inference_equals_the_float64_model(name, shape, pairs,
       expected.numpy(), rtol=0, atol=1e-11 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("prepared", [False, True])
+@pytest.mark.parametrize("prepared", [False, True, "varying"])
 @pytest.mark.parametrize("backbone", [0, 2])
 def test_input_gradients_equal_the_unfolded_model(prepared, backbone):
   """The attacks differentiate the folded function w.r.t. its input (the
-  prepared one pools before its ReLUs: `relu_pool_pairs`)."""
+  prepared one pools before its ReLUs: `relu_pool_pairs`; on varying
+  batches its first layer's gradient is `few_channels.
+  input_gradient_by_ops`)."""
   name, shape, _, reduction, depth = BACKBONES[backbone]
   keras.utils.set_random_seed(0)
   model = _with_trained_statistics(fgr_tf.backbones.build(name, 10, shape))
