@@ -30,10 +30,12 @@ def gaussian_kernel(sigma):
 def gaussian_smooth(field, sigma):
   """Separable Gaussian blur of [B, H, W, K], scipy's 'reflect' border.
 
-  sigma in pixels; needs H, W > 4 * sigma + 0.5 (the kernel radius).
-  Fields of at most `MATRIX_MAX_SIZE` pixels a side (static H, W, K) are
-  smoothed by `_smooth_by_matrices`, larger ones by depthwise convolutions
-  of the reflect-padded field: the same weighted sums in another order.
+  sigma in pixels. Fields of at most `MATRIX_MAX_SIZE` pixels a side
+  (static H, W, K) are smoothed by `_smooth_by_matrices` (any kernel
+  radius: the border mirrored as often as it takes, as scipy does),
+  larger ones by depthwise convolutions of the reflect-padded field, which
+  need H, W > 4 * sigma + 0.5 (the kernel radius): the same weighted sums
+  in another order.
   """
   if sigma <= 0:
     return field
