@@ -65,16 +65,23 @@ def _sum_shifted_taps(products):
   return out
 
 
-def input_gradient(dy, kernel):
-  """d/d x of `tf.nn.conv2d(x, kernel, 1, "SAME")` given dy [B, H, W,
-  C_out] (static H, W), kernel [3, 3, C_in, C_out]: [B, H, W, C_in]."""
+def _tap_products(dy, kernel):
+  """[B, H, W, 9 C_in] products of dy [B, H, W, C_out] (static H, W) by
+  the kernel's taps [C_out, 9 C_in], channel (i, j, c): one matmul."""
   height, width = dy.shape[1], dy.shape[2]
   in_channels, out_channels = kernel.shape[2], kernel.shape[3]
   taps = tf.reshape(tf.transpose(kernel, [3, 0, 1, 2]),
                     [out_channels, 9 * in_channels])
-  products = tf.matmul(tf.reshape(dy, [-1, out_channels]), taps)
-  return _sum_shifted_taps(
-      tf.reshape(products, [-1, height, width, 3, 3, in_channels]))
+  return tf.reshape(tf.matmul(tf.reshape(dy, [-1, out_channels]), taps),
+                    [-1, height, width, 9 * in_channels])
+
+
+def input_gradient(dy, kernel):
+  """d/d x of `tf.nn.conv2d(x, kernel, 1, "SAME")` given dy [B, H, W,
+  C_out] (static H, W), kernel [3, 3, C_in, C_out]: [B, H, W, C_in]."""
+  return _sum_shifted_taps(tf.reshape(
+      _tap_products(dy, kernel),
+      [-1, dy.shape[1], dy.shape[2], 3, 3, kernel.shape[2]]))
 
 
 def input_gradient_by_ops(dy, kernel):
@@ -82,18 +89,14 @@ def input_gradient_by_ops(dy, kernel):
   the matmul, then the nine shifted sums as one "SAME" 3x3 convolution of
   the [B, H, W, 9 C_in] products with a constant 0/1 kernel that takes
   tap (i, j) of channel c from pixel q - (i - 1, j - 1)."""
-  height, width = dy.shape[1], dy.shape[2]
-  in_channels, out_channels = kernel.shape[2], kernel.shape[3]
-  taps = tf.transpose(tf.reshape(kernel, [9 * in_channels, out_channels]))
-  products = tf.reshape(
-      tf.matmul(tf.reshape(dy, [-1, out_channels]), taps),
-      [-1, height, width, 9 * in_channels])  # channel (i, j, c)
+  in_channels = kernel.shape[2]
   shifts = np.zeros((3, 3, 9 * in_channels, in_channels))
   for i in range(3):
     for j in range(3):
       for c in range(in_channels):
         shifts[2 - i, 2 - j, (3 * i + j) * in_channels + c, c] = 1
-  return tf.nn.conv2d(products, tf.constant(shifts, dy.dtype), 1, "SAME")
+  return tf.nn.conv2d(_tap_products(dy, kernel),
+                      tf.constant(shifts, dy.dtype), 1, "SAME")
 
 
 def conv_with_bias(kernel, bias, xla=True):
