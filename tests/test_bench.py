@@ -25,6 +25,16 @@ def test_bench_smoke_reports_every_mode():
   assert "FGR step time / plain step time" in text
 
 
+def test_bench_flow_pgd_step_makes_the_attacks_adversarial_images():
+  images, labels = steps.synthetic_batch(4, 8, 1, 3)
+  backbone = fgr_tf.backbones.build("small_cnn", 3, (8, 8, 1))
+  adv = steps.make_step("flow_pgd", backbone, images, labels, False)()
+  expected = fgr_tf.attacks.flow_pgd(backbone, images, labels, epsilon=0.01,
+                                     steps=10).adv_images
+  assert adv.shape == (4, 8, 8, 1)
+  assert abs(adv - expected.numpy()).max() <= float32_tolerance(1.0, 64)
+
+
 def test_bench_rejects_unknown_mode():
   with pytest.raises(ValueError, match="Unknown modes \\['fast'\\]"):
     steps.run("small_cnn", 4, 8, 1, 3, 1, 1, ["fast"])
