@@ -411,9 +411,18 @@ def test_repeated_attacks_on_one_model_do_not_retrace(monkeypatch):
     attacks.flow_pgd(model, images[start:start + 4],
                      labels[start:start + 4], epsilon=0.02, steps=2)
   assert len(traces) == 1
+  # Another budget runs the same trace (epsilon and the step size are its
+  # arguments), with that budget: 2 steps of 0.03 / 2 from a zero flow
+  # reach 0.03 wherever the gradient's sign is not 0.
+  result = attacks.flow_pgd(model, images[:4], labels[:4], epsilon=0.03,
+                            steps=2)
+  assert len(traces) == 1
+  flow_xy = fgr_tf.pixel_to_normalized_flow(result.flow, 12, 12).numpy()
+  tolerance = float32_tolerance(0.03, reduction=2, depth=3)
+  assert abs(np.abs(flow_xy).max() - 0.03) <= tolerance
   # Other static settings compile their own function, once.
-  attacks.flow_pgd(model, images[:4], labels[:4], epsilon=0.03, steps=2)
-  attacks.flow_pgd(model, images[4:], labels[4:], epsilon=0.03, steps=2)
+  attacks.flow_pgd(model, images[:4], labels[:4], epsilon=0.03, steps=3)
+  attacks.flow_pgd(model, images[4:], labels[4:], epsilon=0.02, steps=3)
   assert len(traces) == 2
 
 

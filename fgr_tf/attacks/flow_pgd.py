@@ -52,17 +52,19 @@ def flow_pgd(model, images, labels, epsilon=0.01, steps=100, step_size=None,
     raise errors.UserError(f"padding must be one of {warp.PADDINGS}. "
                            f"Received: padding={padding!r}")
   step_size = epsilon / steps if step_size is None else step_size
-  key = ("flow_pgd", float(epsilon), int(steps), float(step_size),
-         bool(random_start), padding)
+  # epsilon and step_size are arguments of the compiled function: one
+  # trace serves every budget (an evaluation's budget sweep).
+  key = ("flow_pgd", int(steps), bool(random_start), padding)
   attack = common.compiled(model, key, lambda: _build(
-      model, float(epsilon), int(steps), float(step_size), random_start,
-      padding), jit_compile)
+      model, int(steps), random_start, padding), jit_compile)
   return common.AttackResult(
-      **attack(images, labels, common.stateless_seed(seed)))
+      **attack(images, labels, common.stateless_seed(seed),
+               tf.constant(float(epsilon), tf.float32),
+               tf.constant(float(step_size), tf.float32)))
 
 
-def _build(model, epsilon, steps, step_size, random_start, padding):
-  def attack(images, labels, seed):
+def _build(model, steps, random_start, padding):
+  def attack(images, labels, seed, epsilon, step_size):
     shape = tf.shape(images)
     prepared = warp.prepare_image(images, padding)
 

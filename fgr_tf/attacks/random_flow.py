@@ -40,15 +40,18 @@ def random_flow(model, images, labels, epsilon=0.01, tries=10, seed=0,
   if padding not in warp.PADDINGS:
     raise errors.UserError(f"padding must be one of {warp.PADDINGS}. "
                            f"Received: padding={padding!r}")
+  # epsilon is an argument of the compiled function: one trace serves
+  # every budget.
   attack = common.compiled(
-      model, ("random_flow", float(epsilon), int(tries), padding),
-      lambda: _build(model, float(epsilon), int(tries), padding), jit_compile)
+      model, ("random_flow", int(tries), padding),
+      lambda: _build(model, int(tries), padding), jit_compile)
   return common.AttackResult(
-      **attack(images, labels, common.stateless_seed(seed)))
+      **attack(images, labels, common.stateless_seed(seed),
+               tf.constant(float(epsilon), tf.float32)))
 
 
-def _build(model, epsilon, tries, padding):
-  def attack(images, labels, seed):
+def _build(model, tries, padding):
+  def attack(images, labels, seed, epsilon):
     shape = tf.shape(images)
     flow_shape = tf.stack([shape[0], shape[1], shape[2], 2])
 
