@@ -31,7 +31,7 @@ def _derivatives(conv, x, kernel, upstream):
 @pytest.mark.parametrize("shape,out_channels", [
     ((2, 2, 2, 5), 3), ((3, 4, 4, 2), 6), ((2, 1, 3, 4), 2), ((1, 5, 2, 3), 4),
     ((3, 1, 1, 3), 2), ((2, 1, 4, 3), 5), ((2, 4, 1, 2), 3),
-    ((2, 6, 4, 3), 4), ((1, 2, 8, 2), 3)])
+    ((2, 6, 4, 3), 4), ((1, 2, 8, 2), 3), ((2, 8, 8, 3), 4)])
 @pytest.mark.parametrize("use_winograd", [True, False])
 def test_conv3x3_same_equals_conv2d_with_first_and_second_derivatives(
     shape, out_channels, use_winograd):
