@@ -9,13 +9,13 @@ Modes: plain, fgr (lambda 300, random start 0.01), igr, at (flow-PGD
 adversarial training, 10 steps), fgr_at (both), flow_pgd (the attack, 10
 steps, per image attacked: the adversarial images, as the original's
 `multi_step` returns them), flow_pgd_result (the same with the attack's
-whole result: the adversarial images classified too), eval (inference forward, BatchNorms folded:
-`fgr_tf.backbones.inference_function`), and fit_plain /
-fit_fgr (`model.fit` over the CIFAR input pipeline of `fgr_tf.data`, with
-augmentation: includes data loading and callbacks; one epoch of --repeats
-steps after a warm-up epoch). The JSON output (--json) also holds the
-process's RSS before the first mode and its peak (MiB): run one mode per
-process to compare the memory of modes.
+whole result: the adversarial images classified too), eval (inference
+forward, BatchNorms folded: `fgr_tf.backbones.inference_function`), and
+fit_plain / fit_fgr (`model.fit` over the CIFAR input pipeline of
+`fgr_tf.data`, with augmentation: includes data loading and callbacks;
+one epoch of --repeats steps after a warm-up epoch). The JSON output
+(--json) also holds the process's RSS before the first mode and its peak
+(MiB): run one mode per process to compare the memory of modes.
 `--smoke` runs a tiny configuration (CI checks that the bench runs, never
 its speed).
 """

@@ -198,7 +198,8 @@ def test_attack_loops_carry_the_weights_read_once(monkeypatch):
                                                steps=2).flow.numpy()
     (attack,) = getattr(model, "_fgr_tf_compiled_attacks").values()
     graph = attack.get_concrete_function(
-        images, labels, tf.constant([0, 0])).graph.as_graph_def()
+        images, labels, tf.constant([0, 0]), tf.constant(0.01),
+        tf.constant(0.005)).graph.as_graph_def()
     (body,) = [f for f in graph.library.function
                if f.signature.name.startswith("while_body")]
     ops[read_once] = [n.op for n in body.node_def]
