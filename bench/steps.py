@@ -52,9 +52,14 @@ _DTYPE = flags.DEFINE_enum(
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes, for CI.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON line instead.")
 
-def _flow_pgd10(backbone, images, labels, seed=0):
+
+def _flow_pgd10_result(backbone, images, labels, seed=0):
   return fgr_tf.attacks.flow_pgd(backbone, images, labels, epsilon=0.01,
-                                 steps=10, seed=seed).adv_images
+                                 steps=10, seed=seed)
+
+
+def _flow_pgd10(backbone, images, labels, seed=0):
+  return _flow_pgd10_result(backbone, images, labels, seed).adv_images
 
 
 MODES = {
@@ -104,8 +109,8 @@ def make_step(mode, backbone, images, labels, jit_compile):
   elif mode == "flow_pgd_result":
     # The whole `AttackResult` (what evaluation uses): the adversarial
     # images classified too.
-    step = lambda: fgr_tf.attacks.flow_pgd(
-        backbone, images, labels, epsilon=0.01, steps=10).adv_logits.numpy()
+    step = lambda: _flow_pgd10_result(backbone, images,
+                                      labels).adv_logits.numpy()
   else:
     model = fgr_tf.FGRModel(backbone, **MODES[mode])
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
