@@ -708,3 +708,38 @@ def test_xla_keeps_a_fixed_batch_and_agrees(name, baseline,
   assert attacks.common.use_active_sets(False)
   assert not attacks.common.use_active_sets(True)
   _assert_same_outcome(graph, xla, images)
+
+
+def test_where_per_image_selects_whole_images_on_every_shape():
+  """`common.where_per_image` (a [B, n] select) equals tf.where with a
+  broadcast [B, 1, ...] condition: 4-d flows, [B] values, an empty batch,
+  and inside a tf.function with unknown dimensions, where it keeps the
+  static shape both operands agree on (a while_loop needs it)."""
+  rng = np.random.default_rng(0)
+  condition = tf.constant([True, False, True, False, True])
+  for shape in ((5, 7, 6, 2), (5,), (5, 3)):
+    x = tf.constant(rng.normal(size=shape), tf.float32)
+    y = tf.constant(rng.normal(size=shape), tf.float32)
+    expected = tf.where(tf.reshape(condition, [-1] + [1] * (len(shape) - 1)),
+                        x, y)
+    np.testing.assert_array_equal(
+        attacks.common.where_per_image(condition, x, y), expected)
+  empty = tf.zeros([0, 7, 6, 2])
+  assert attacks.common.where_per_image(
+      tf.zeros([0], tf.bool), empty, empty).shape == (0, 7, 6, 2)
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 2])] * 2)
+  def dynamic(x, y):
+    known = tf.ensure_shape(y, [None, 7, 6, 2])
+    out = attacks.common.where_per_image(tf.range(tf.shape(x)[0]) % 2 == 0,
+                                         x, known)
+    assert out.shape.as_list() == [None, 7, 6, 2], out.shape
+    both_unknown = attacks.common.where_per_image(
+        tf.range(tf.shape(x)[0]) % 2 == 0, x, y)
+    return out, both_unknown
+
+  x = tf.constant(rng.normal(size=(5, 7, 6, 2)), tf.float32)
+  y = tf.constant(rng.normal(size=(5, 7, 6, 2)), tf.float32)
+  for out in dynamic(x, y):
+    np.testing.assert_array_equal(
+        out, tf.where(condition[:, None, None, None], x, y))

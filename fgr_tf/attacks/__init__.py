@@ -180,7 +180,7 @@ def adversary(attack, clean_fraction=0.0):
     num_clean = tf.cast(tf.round(clean_fraction * tf.cast(batch, tf.float32)),
                         tf.int32)
     keep_clean = tf.range(batch) < num_clean
-    return tf.where(keep_clean[:, None, None, None], images, adv_images)
+    return common.where_per_image(keep_clean, images, adv_images)
 
   return run
 

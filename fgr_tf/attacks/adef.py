@@ -252,8 +252,7 @@ def _build(model, sigma, max_iter, overshoot, num_candidates, exact_gradient,
       best = tf.where(take, norms[j], best)
       choice = tf.where(take, j, choice)
     chosen = tf.gather_nd(steps, tf.stack([choice, tf.range(batch)], -1))
-    best_flow = tf.where((best < float("inf"))[:, None, None, None], chosen,
-                         flow)
+    best_flow = common.where_per_image(best < float("inf"), chosen, flow)
     now = common.is_adversarial(
         common.logits_of(model, common.deform(prepared, best_flow)), labels)
     return best_flow, now
@@ -285,7 +284,7 @@ def _build(model, sigma, max_iter, overshoot, num_candidates, exact_gradient,
                                          tf.ones_like(index)))
       best_flow, now = step(prepared, images, labels, candidates, flow)
       active = tf.logical_not(done)
-      flow = tf.where(active[:, None, None, None], best_flow, flow)
+      flow = common.where_per_image(active, best_flow, flow)
       iterations += tf.cast(active, tf.int32)
       return i + 1, flow, tf.logical_or(done, now), iterations
 

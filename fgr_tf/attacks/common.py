@@ -78,6 +78,23 @@ def t_norm(flow):
                        axis=[1, 2])
 
 
+def where_per_image(condition, x, y):
+  """`tf.where(condition[:, None, ...], x, y)`: per image, all of x [B, ...]
+  where condition [B] bool holds, else all of y; as a select of [B, n]
+  rows. TF's CPU kernel broadcasts a [B, 1, 1, 1] condition over 4-d
+  operands ~4x slower (measured, AMD EPYC: 1.43 against 0.33-0.45 ms for
+  [250, 28, 28, 2] flows; stAdv selects its best flow every step). The
+  same values: a select only copies."""
+  inner = x.shape[1:].merge_with(y.shape[1:])
+  if inner.is_fully_defined() and inner.num_elements():  # static shapes
+    rows, shape = [-1, inner.num_elements()], [-1] + inner.as_list()
+  else:
+    shape = tf.shape(x)
+    rows = tf.stack([shape[0], tf.reduce_prod(shape[1:])])
+  return tf.reshape(tf.where(condition[:, None], tf.reshape(x, rows),
+                             tf.reshape(y, rows)), shape)
+
+
 def stateless_seed(seed):
   """An int, or a [2] int tensor/sequence, as a [2] int32 stateless seed."""
   if isinstance(seed, int):
@@ -276,7 +293,7 @@ def first_fooling_or_worst(model, images, labels, flow_of, count,
     fooled = is_adversarial(logits, labels)
     active = tf.logical_not(done)
     take = tf.logical_and(active, tf.logical_or(fooled, loss > best_loss))
-    best_flow = tf.where(take[:, None, None, None], flow, best_flow)
+    best_flow = where_per_image(take, flow, best_flow)
     best_loss = tf.where(take, loss, best_loss)
     used = used + tf.cast(active, tf.int32)
     return i + 1, best_loss, best_flow, tf.logical_or(done, fooled), used

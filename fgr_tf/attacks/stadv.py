@@ -178,7 +178,7 @@ def _build(model, kappa, steps, learning_rate, targeted, search_steps,
     better = tf.logical_and(
         common.is_adversarial(logits, labels, target if targeted else None),
         smooth < best_smooth)
-    return (tf.where(better[:, None, None, None], flow, best_flow),
+    return (common.where_per_image(better, flow, best_flow),
             tf.where(better, smooth, best_smooth),
             tf.where(tf.logical_and(better, first_success == steps), i,
                      first_success))
@@ -242,7 +242,7 @@ def _build(model, kappa, steps, learning_rate, targeted, search_steps,
         prepared, labels, target, tau, flow, best)
     # Images that never succeeded keep the last flow.
     found = tf.math.is_finite(best_smooth)
-    flow = tf.where(found[:, None, None, None], best_flow, flow)
+    flow = common.where_per_image(found, best_flow, flow)
     adv = common.deform(prepared, flow)
     logits = common.logits_of(model, adv)
     target_or_none = target if targeted else None
@@ -270,8 +270,8 @@ def _build(model, kappa, steps, learning_rate, targeted, search_steps,
         return round_index + 1, taus, best
       out = one_round(images, labels, target, taus)
       out["iterations"] += round_index * steps
-      best = {k: tf.where(tf.reshape(retry, [-1] + [1] * (v.shape.rank - 1)),
-                          v, best[k]) for k, v in out.items()}
+      best = {k: common.where_per_image(retry, v, best[k])
+              for k, v in out.items()}
       return round_index + 1, taus, best
 
     # Stops early once every image is adversarial (no wasted rounds).

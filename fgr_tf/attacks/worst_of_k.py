@@ -111,8 +111,7 @@ def _build(model, padding, active_sets):
                                     width)
       # The transform each image keeps; -1 (none: NaN losses) is no flow.
       flow = flows_of(tf.gather(params, tf.maximum(chosen, 0)), height, width)
-      flow = tf.where((chosen >= 0)[:, None, None, None], flow,
-                      tf.zeros_like(flow))
+      flow = common.where_per_image(chosen >= 0, flow, tf.zeros_like(flow))
     else:
       flow, used = _search_fixed(prepared, labels, params, batch, height,
                                  width)
