@@ -712,8 +712,8 @@ def test_xla_keeps_a_fixed_batch_and_agrees(name, baseline,
 
 def test_where_per_image_selects_whole_images_on_every_shape():
   """`common.where_per_image` (a [B, n] select) equals tf.where with a
-  broadcast [B, 1, ...] condition: 4-d flows, [B] values, an empty batch,
-  and inside a tf.function with unknown dimensions, where it keeps the
+  broadcast [B, 1, ...] condition: 4-d flows, [B] values, NumPy arrays, an
+  empty batch, and inside a tf.function with unknown dimensions, where it keeps the
   static shape both operands agree on (a while_loop needs it)."""
   rng = np.random.default_rng(0)
   condition = tf.constant([True, False, True, False, True])
@@ -724,6 +724,9 @@ def test_where_per_image_selects_whole_images_on_every_shape():
                         x, y)
     np.testing.assert_array_equal(
         attacks.common.where_per_image(condition, x, y), expected)
+    np.testing.assert_array_equal(  # NumPy arrays too (shape: a tuple)
+        attacks.common.where_per_image(condition, x.numpy(), y.numpy()),
+        expected)
   empty = tf.zeros([0, 7, 6, 2])
   assert attacks.common.where_per_image(
       tf.zeros([0], tf.bool), empty, empty).shape == (0, 7, 6, 2)
