@@ -712,9 +712,10 @@ def test_xla_keeps_a_fixed_batch_and_agrees(name, baseline,
 
 def test_where_per_image_selects_whole_images_on_every_shape():
   """`common.where_per_image` (a [B, n] select) equals tf.where with a
-  broadcast [B, 1, ...] condition: 4-d flows, [B] values, NumPy arrays, an
-  empty batch, and inside a tf.function with unknown dimensions, where it keeps the
-  static shape both operands agree on (a while_loop needs it)."""
+  broadcast [B, 1, ...] condition: 4-d flows, [B] values, NumPy arrays,
+  an empty batch, and inside a tf.function with unknown dimensions, where
+  it keeps the static shape both operands agree on (a while_loop needs
+  it)."""
   rng = np.random.default_rng(0)
   condition = tf.constant([True, False, True, False, True])
   for shape in ((5, 7, 6, 2), (5,), (5, 3)):
