@@ -496,15 +496,20 @@ def _fixed_and_active(monkeypatch, model, images, labels, name, settings):
   return results[False], results[True]
 
 
-def _flow_differences(fixed, active):
-  """(per-image max |flow difference| [B], the round-off bound): small_cnn's
+def _round_off(fixed):
+  """`assert_close_float32`'s arguments for two paths' results: small_cnn's
   longest sum (the fc layer, 7 * 7 * 64 terms), some 8 such sums per
   forward and backward pass, up to ~10 chained steps; scale: the flow's
   size (a few pixels)."""
-  scale = max(float(np.abs(fixed.flow).max()), 1.0)
+  return dict(reduction=7 * 7 * 64, depth=80,
+              scale=max(float(np.abs(fixed.flow).max()), 1.0))
+
+
+def _flow_differences(fixed, active):
+  """(per-image max |flow difference| [B], the round-off bound)."""
   difference = np.abs(active.flow.numpy() - fixed.flow.numpy())
   return (difference.reshape(len(difference), -1).max(axis=1),
-          float32_tolerance(scale, 7 * 7 * 64, depth=80))
+          float32_tolerance(**_round_off(fixed)))
 
 
 def _kinked_adef_images(monkeypatch, model, images, labels, settings,
@@ -524,13 +529,16 @@ def _kinked_adef_images(monkeypatch, model, images, labels, settings,
   kinked = np.flatnonzero(difference > bound)
   layers = exactness.branch_layers(model)
   probe = keras.Model(model.inputs, [layer.input for layer, _ in layers])
+  runs = {}  # max_iter -> (fixed, active), shared by the images' bisections
   for image in kinked:
     agree, differ, flows = 0, settings["max_iter"], None
     while differ - agree > 1:
       middle = (agree + differ) // 2
-      fixed_m, active_m = _fixed_and_active(monkeypatch, model, images,
-                                            labels, "adef",
-                                            dict(settings, max_iter=middle))
+      if middle not in runs:
+        runs[middle] = _fixed_and_active(monkeypatch, model, images, labels,
+                                         "adef",
+                                         dict(settings, max_iter=middle))
+      fixed_m, active_m = runs[middle]
       difference_m, bound_m = _flow_differences(fixed_m, active_m)
       if difference_m[image] <= bound_m:
         agree = middle
@@ -577,13 +585,10 @@ def _assert_same_outcome(fixed, active, images, adam_steps=None, kinked=()):
     strict = fixed.iterations.numpy() < adam_steps
     np.testing.assert_array_equal(active.iterations.numpy()[strict],
                                   fixed.iterations.numpy()[strict])
-  # Round-off bound: see `_flow_differences`.
-  scale = max(float(np.abs(fixed.flow).max()), 1.0)
   for field in ("flow", "t_norm", "adv_images"):
     assert_close_float32(getattr(active, field).numpy()[strict],
                          getattr(fixed, field).numpy()[strict],
-                         reduction=7 * 7 * 64, depth=80, scale=scale,
-                         err_msg=field)
+                         err_msg=field, **_round_off(fixed))
   if adam_steps is not None:
     np.testing.assert_allclose(active.t_norm.numpy()[~strict],
                                fixed.t_norm.numpy()[~strict], rtol=0.05)
