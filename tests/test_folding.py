@@ -241,9 +241,9 @@ def test_relus_before_max_pools_are_swapped_only_when_alone():
 
 def test_prepared_vgg_under_xla_equals_graph():
   """The attacks under XLA (the GPU default) run the prepared function
-  compiled, its XLA pieces (Winograd's 8x8 transforms, the first layer's
-  input gradient) nested: same logits and input gradients as in a graph,
-  to float32 round-off."""
+  compiled, its XLA pieces (Winograd's 4x4 and 8x8 transforms, the first
+  layer's input gradient) nested: same logits and input gradients as in a
+  graph, to float32 round-off."""
   name, shape, _, reduction, depth = BACKBONES[0]
   keras.utils.set_random_seed(0)
   model = _with_trained_statistics(fgr_tf.backbones.build(name, 10, shape))
@@ -268,7 +268,8 @@ def test_prepared_vgg_under_xla_equals_graph():
 
 def test_a_varying_batch_keeps_the_8x8_layers_on_onednn():
   """Attacks on shrinking active sets (ADef, worst-of-k) prepare without
-  XLA-compiled pieces, which would compile once per batch size."""
+  XLA-compiled pieces, which would compile once per batch size: oneDNN at
+  8x8, Winograd's matrix transforms at 4x4 (XLA's at a fixed batch)."""
   model = fgr_tf.backbones.build("vgg11", 10, (32, 32, 3))
 
   def input_gradient_ops(varying_batch):
@@ -296,3 +297,8 @@ def test_a_varying_batch_keeps_the_8x8_layers_on_onednn():
   assert (varying.count("Conv2DBackpropInput") ==
           fixed.count("Conv2DBackpropInput") + 2)
   assert varying.count("Conv2D") == fixed.count("Conv2D") + 3
+  # The 4x4 layers' products (forward, input gradient and the traced
+  # kernel gradient, which the run prunes): one batched matmul each in the
+  # matrix form, plain matmuls in the XLA form.
+  assert varying.count("BatchMatMulV2") == 2 * 3
+  assert fixed.count("BatchMatMulV2") == 0

@@ -68,12 +68,13 @@ def test_prepared_winograd_equals_conv2d_with_first_and_second_derivatives(
 
 
 def test_prepared_convolution_op_runs_prepared_winograd_on_its_shape():
-  """The layer's prepared op: Winograd's form with the transforms done,
-  for the shape it was prepared for; any other input: `convolution_op`."""
+  """The layer's prepared op without XLA (batches that vary): Winograd's
+  matrix form with the transforms done, for the shape it was prepared
+  for; any other input: `convolution_op`."""
   layer = gemm_conv.Conv2D(4, 3, padding="same", dtype="float64")
   layer.build((None, 4, 4, 2))
   kernel = tf.constant(np.random.default_rng(2).normal(size=(3, 3, 2, 4)))
-  call = layer.prepared_convolution_op(kernel, (None, 4, 4, 2))
+  call = layer.prepared_convolution_op(kernel, (None, 4, 4, 2), xla=False)
   rng = np.random.default_rng(3)
   for shape in [(2, 4, 4, 2), (2, 8, 8, 2)]:
     x = tf.constant(rng.normal(size=shape))
@@ -186,23 +187,29 @@ def test_prepared_winograd_by_xla_equals_conv2d_with_derivatives(
                         out_channels, seed=4)
 
 
-def test_prepared_convolution_op_takes_xla_winograd_on_8x8_maps(monkeypatch):
-  """The attacks' 8x8 layers: Winograd with XLA transforms (an XLA
-  function call in the graph, no Conv2D), equal to conv2d; with
-  XLA_WINOGRAD_MAX_PIXELS = 0, oneDNN's Conv2D."""
+@pytest.mark.parametrize("size,without_xla", [(8, "Conv2D"),
+                                               (4, "BatchMatMulV2")])
+def test_prepared_convolution_op_takes_xla_winograd_on_4x4_and_8x8_maps(
+    monkeypatch, size, without_xla):
+  """The attacks' 4x4 and 8x8 layers: Winograd with XLA transforms (an XLA
+  function call in the graph, no Conv2D, no matrix transforms), equal to
+  conv2d; with XLA_WINOGRAD_MAX_PIXELS = 0 or xla=False, oneDNN's Conv2D
+  (8x8) or Winograd's matrix form (4x4)."""
   rng = np.random.default_rng(5)
   kernel = tf.constant(rng.normal(size=(3, 3, 4, 6)))
-  x = tf.constant(rng.normal(size=(2, 8, 8, 4)))
-  for max_pixels, conv_type in ((64, "PartitionedCall"), (0, "Conv2D")):
+  x = tf.constant(rng.normal(size=(2, size, size, 4)))
+  shape = (None, size, size, 4)
+  for max_pixels, xla in ((64, True), (0, True), (64, False)):
     monkeypatch.setattr(gemm_conv.Conv2D, "XLA_WINOGRAD_MAX_PIXELS",
                         max_pixels)
     layer = gemm_conv.Conv2D(6, 3, padding="same", dtype="float64")
-    layer.build((None, 8, 8, 4))
-    call = layer.prepared_convolution_op(kernel, (None, 8, 8, 4))
+    layer.build(shape)
+    call = layer.prepared_convolution_op(kernel, shape, xla=xla)
     np.testing.assert_allclose(call(x), tf.nn.conv2d(x, kernel, 1, "SAME"),
                                rtol=1e-10, atol=1e-10)
     graph = tf.function(call).get_concrete_function(
-        tf.TensorSpec((None, 8, 8, 4), tf.float64)).graph
+        tf.TensorSpec(shape, tf.float64)).graph
     types = {op.type for op in graph.get_operations()}
-    assert conv_type in types
-    assert ("Conv2D" in types) == (max_pixels == 0)
+    by_xla = max_pixels == 64 and xla
+    assert ("PartitionedCall" in types) == by_xla
+    assert (without_xla in types) == (not by_xla)

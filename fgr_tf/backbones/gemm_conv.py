@@ -167,10 +167,16 @@ class Conv2D(keras.layers.Conv2D):
   # (else im2col); FGR_TF_WINOGRAD=0 turns it off.
   WINOGRAD = os.environ.get("FGR_TF_WINOGRAD", "1") != "0"
   # In the attacks' loops (`prepared_convolution_op`), even-sized maps of
-  # more than GEMM_MAX_PIXELS and at most this many pixels (VGG-11's 8x8
-  # layers) take Winograd with its transforms by XLA
-  # (`winograd.prepared_by_xla`), on CPUs; FGR_TF_XLA_WINOGRAD_MAX_PIXELS=0
-  # keeps oneDNN's kernels there.
+  # more than SMALL_MAX_PIXELS and at most this many pixels (VGG-11's 4x4
+  # and 8x8 layers) take Winograd with its transforms by XLA
+  # (`winograd.prepared_by_xla`), on CPUs, when the loop's batch size is
+  # fixed; FGR_TF_XLA_WINOGRAD_MAX_PIXELS=0 keeps the matrix transforms at
+  # 4x4 and oneDNN's kernels at 8x8 there. At 4x4 the XLA transforms are
+  # faster than the matrix form on both ISAs: VGG-11's 4x4x256 -> 512 /
+  # 4x4x512 -> 512 layers (batch 128, forward + input gradient) 27.7 /
+  # 52.3 against 30.7 / 59.4 ms on an AMD EPYC (AVX-512), the 10-step flow
+  # attack 1.010x / 1.022x faster on a Xeon with AVX-512 / AVX2 kernels
+  # (docs/PERFORMANCE.md).
   XLA_WINOGRAD_MAX_PIXELS = int(os.environ.get(
       "FGR_TF_XLA_WINOGRAD_MAX_PIXELS", str(winograd.XLA_MAX_PIXELS)))
 
@@ -203,15 +209,16 @@ class Conv2D(keras.layers.Conv2D):
             and inputs_shape[1] % 2 == 0 and inputs_shape[2] % 2 == 0):
       return unprepared
     pixels = inputs_shape[1] * inputs_shape[2]
-    if pixels <= self.GEMM_MAX_PIXELS and winograd.applies(
-        inputs_shape[1], inputs_shape[2]):
-      if pixels <= SMALL_MAX_PIXELS:
-        return unprepared
-      conv = winograd.prepared(kernel)
-    elif tf.config.list_logical_devices("GPU"):
-      return unprepared
-    else:
+    if pixels <= SMALL_MAX_PIXELS:
+      return unprepared  # tap blocks: nothing to prepare
+    if (xla and pixels <= self.XLA_WINOGRAD_MAX_PIXELS and
+        not tf.config.list_logical_devices("GPU")):
       conv = winograd.prepared_by_xla(kernel)
+    elif pixels <= self.GEMM_MAX_PIXELS and winograd.applies(
+        inputs_shape[1], inputs_shape[2]):
+      conv = winograd.prepared(kernel)
+    else:
+      return unprepared
 
     def call(inputs):
       if inputs.shape[1:] != inputs_shape[1:] or inputs.dtype != kernel.dtype:

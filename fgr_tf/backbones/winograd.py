@@ -204,15 +204,18 @@ def _conv_transformed(x, kernel, flipped, u, u_flipped):
   return y, grad
 
 
-# The attacks' 8x8 maps (`gemm_conv.Conv2D.prepared_convolution_op`, for
-# their loops): the input and output transforms as XLA computations,
-# slices and additions fused into one pass each (the matrix form's
-# transforms grow with the map's square). Measured (scratch
+# The attacks' 4x4 and 8x8 maps (`gemm_conv.Conv2D.prepared_convolution_op`,
+# for their loops at a fixed batch size): the input and output transforms
+# as XLA computations, slices and additions fused into one pass each (the
+# matrix form's transforms grow with the map's square, and even at 4x4
+# its transposes and matmuls are extra passes). Measured (scratch
 # microbenchmark, Xeon, batch 128, forward and input gradient with bias
 # and ReLU, ms): VGG-11's 8x8x256 -> 256 layer 39 against oneDNN's 54
 # with AVX-512, 55 against 82 with ONEDNN_MAX_CPU_ISA=AVX2; 8x8x128 ->
 # 256 23.4 against 26.7, 33 against 42.5. At 16x16 (64 -> 128) it was
-# slower (24 against 15 ms forward).
+# slower (24 against 15 ms forward). At 4x4 (AMD EPYC, AVX-512, with a
+# ReLU): 4x4x256 -> 512 27.7 against the matrix form's 30.7, 4x4x512 ->
+# 512 52.3 against 59.4.
 XLA_MAX_PIXELS = 64
 
 
