@@ -20,11 +20,11 @@ per call, outside their loops (`attacks.common.READ_WEIGHTS_ONCE`),
 against at every use. `--switch=xla_winograd`: the attacks' 4x4 and 8x8
 layers by Winograd with XLA transforms
 (`gemm_conv.Conv2D.XLA_WINOGRAD_MAX_PIXELS`) against Winograd's matrix
-transforms (4x4) and oneDNN's kernels (8x8). `--switch=first_layer`: the attacks' first-layer
-input gradient by a matmul (`few_channels.GRADIENT = "matmul"`) against
-oneDNN's ("native"). `--switch=deform`: the attacks' deform (warp, clip,
-their gradients) as XLA computations (`attacks.common.DEFORM_BY_XLA`)
-against TF ops.
+transforms (4x4) and oneDNN's kernels (8x8). `--switch=first_layer`: the
+attacks' first-layer input gradient by a matmul (`few_channels.GRADIENT =
+"matmul"`) against oneDNN's ("native"). `--switch=deform`: the attacks'
+deform (warp, clip, their gradients) as XLA computations
+(`attacks.common.DEFORM_BY_XLA`) against TF ops.
 Each of --traces rounds builds a fresh model
 per setting (so each gets its own trace: oneDNN's graph rewrites can
 differ between traces), runs one untimed call, then times --repeats calls

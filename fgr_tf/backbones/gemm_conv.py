@@ -174,9 +174,9 @@ class Conv2D(keras.layers.Conv2D):
   # 4x4 and oneDNN's kernels at 8x8 there. At 4x4 the XLA transforms are
   # faster than the matrix form on both ISAs: VGG-11's 4x4x256 -> 512 /
   # 4x4x512 -> 512 layers (batch 128, forward + input gradient) 27.7 /
-  # 52.3 against 30.7 / 59.4 ms on an AMD EPYC (AVX-512), the 10-step flow
-  # attack 1.010x / 1.022x faster on a Xeon with AVX-512 / AVX2 kernels
-  # (docs/PERFORMANCE.md).
+  # 52.3 against 30.7 / 59.4 ms on an AMD EPYC (AVX-512); the 10-step flow
+  # attack, paired, 1.030x / 1.064x faster there with AVX-512 / AVX2
+  # kernels, 1.010x / 1.022x on a Xeon (docs/PERFORMANCE.md).
   XLA_WINOGRAD_MAX_PIXELS = int(os.environ.get(
       "FGR_TF_XLA_WINOGRAD_MAX_PIXELS", str(winograd.XLA_MAX_PIXELS)))
 
