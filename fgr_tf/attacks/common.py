@@ -4,13 +4,13 @@ input checks, the clipped warp, losses, flow norms, compilation."""
 import contextlib
 import dataclasses
 import functools
-import os
 import threading
 import typing
 
 from absl import logging
 import tensorflow as tf
 
+from fgr_tf import environment
 from fgr_tf import errors
 from fgr_tf import validation
 from fgr_tf import warp
@@ -118,7 +118,7 @@ def logits_of(model, images):
 
 # Whether compiled attacks trace in `weights_read_once` (read when an
 # attack is traced); FGR_TF_READ_WEIGHTS_ONCE=0 turns it off.
-READ_WEIGHTS_ONCE = os.environ.get("FGR_TF_READ_WEIGHTS_ONCE", "1") != "0"
+READ_WEIGHTS_ONCE = environment.switch("FGR_TF_READ_WEIGHTS_ONCE")
 
 
 class _PreparedModel(typing.NamedTuple):
@@ -218,7 +218,8 @@ def as_prepared(images, padding="edge"):
 # compiles once per shape); under pfor (ADef's jacobian) the gradient is
 # TF's ops, as elsewhere in the attacks' prepared path. FGR_TF_DEFORM=ops
 # turns it off.
-DEFORM_BY_XLA = os.environ.get("FGR_TF_DEFORM", "xla") == "xla"
+DEFORM_BY_XLA = environment.choice("FGR_TF_DEFORM", "xla",
+                                   ("xla", "ops")) == "xla"
 
 
 def _deform_ops(neighbourhoods, flow, padding, normalized):

@@ -1,9 +1,8 @@
 """stAdv (Xiao et al., ICLR 2018): spatially transformed adversarial examples."""
 
-import os
-
 import tensorflow as tf
 
+from fgr_tf import environment
 from fgr_tf import errors
 from fgr_tf import warp
 from fgr_tf.attacks import common
@@ -43,7 +42,8 @@ def _smoothness_vjp_by_xla(flow, eps, upstream):
 # Whether `flow_smoothness` runs as XLA computations (the value, and its
 # gradient: TF's ~20 small ops per step on [B, H, W, 2], ~9% of stAdv's
 # time on the quickstart CNN). FGR_TF_STADV_SMOOTHNESS=ops: TF ops.
-SMOOTHNESS_BY_XLA = os.environ.get("FGR_TF_STADV_SMOOTHNESS", "xla") == "xla"
+SMOOTHNESS_BY_XLA = environment.choice("FGR_TF_STADV_SMOOTHNESS", "xla",
+                                       ("xla", "ops")) == "xla"
 
 
 def flow_smoothness(flow, eps=1e-8):

@@ -23,17 +23,17 @@ convolution (VGG-11's, 64 <- 3: 37 against 42 ms). With GPUs present the
 gradient is TF's own. FGR_TF_FIRST_LAYER_GRADIENT=native turns it off.
 """
 
-import os
-
 import keras
 import numpy as np
 import tensorflow as tf
 
+from fgr_tf import environment
 from fgr_tf.backbones import gemm_conv
 from fgr_tf.backbones import pooling
 
 MAX_INPUT_CHANNELS = 4
-GRADIENT = os.environ.get("FGR_TF_FIRST_LAYER_GRADIENT", "matmul")
+GRADIENT = environment.choice("FGR_TF_FIRST_LAYER_GRADIENT", "matmul",
+                              ("matmul", "native"))
 
 
 def applies(conv, inputs_shape, dtype):

@@ -31,12 +31,12 @@ environment variable FGR_TF_FOLD_BATCHNORM is "0" (read when a model's
 function is first built).
 """
 
-import os
 
 from absl import logging
 import keras
 import tensorflow as tf
 
+from fgr_tf import environment
 from fgr_tf.backbones import few_channels
 
 _CACHE_ATTRIBUTE = "_fgr_tf_folded_inference"
@@ -235,7 +235,7 @@ def _cached(model, attribute, build):
 def _build(model, prepared):
   """The folded function (`prepared`: its `prepare` callable)."""
   pairs = foldable_pairs(model)
-  if not pairs or os.environ.get("FGR_TF_FOLD_BATCHNORM", "1") == "0":
+  if not pairs or not environment.switch("FGR_TF_FOLD_BATCHNORM"):
     return ((lambda varying_batch=False: _unfolded(model)) if prepared
             else _unfolded(model))
   try:

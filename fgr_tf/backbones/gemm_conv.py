@@ -23,11 +23,10 @@ by TF. Tests compare values, first and second derivatives with
 `tf.nn.conv2d`.
 """
 
-import os
-
 import keras
 import tensorflow as tf
 
+from fgr_tf import environment
 from fgr_tf.backbones import winograd
 
 
@@ -162,10 +161,10 @@ class Conv2D(keras.layers.Conv2D):
   # environment variable FGR_TF_GEMM_MAX_PIXELS (0 = always oneDNN's
   # kernels; in the attacks with FGR_TF_XLA_WINOGRAD_MAX_PIXELS=0 too) or
   # by setting this attribute before the model is traced.
-  GEMM_MAX_PIXELS = int(os.environ.get("FGR_TF_GEMM_MAX_PIXELS", "16"))
+  GEMM_MAX_PIXELS = environment.pixels("FGR_TF_GEMM_MAX_PIXELS", 16)
   # Whether even-sized maps above SMALL_MAX_PIXELS take the Winograd form
   # (else im2col); FGR_TF_WINOGRAD=0 turns it off.
-  WINOGRAD = os.environ.get("FGR_TF_WINOGRAD", "1") != "0"
+  WINOGRAD = environment.switch("FGR_TF_WINOGRAD")
   # In the attacks' loops (`prepared_convolution_op`), even-sized maps of
   # more than SMALL_MAX_PIXELS and at most this many pixels (VGG-11's 4x4
   # and 8x8 layers) take Winograd with its transforms by XLA
@@ -177,8 +176,8 @@ class Conv2D(keras.layers.Conv2D):
   # 52.3 against 30.7 / 59.4 ms on an AMD EPYC (AVX-512); the 10-step flow
   # attack, paired, 1.030x / 1.064x faster there with AVX-512 / AVX2
   # kernels, 1.010x / 1.022x on a Xeon (docs/PERFORMANCE.md).
-  XLA_WINOGRAD_MAX_PIXELS = int(os.environ.get(
-      "FGR_TF_XLA_WINOGRAD_MAX_PIXELS", str(winograd.XLA_MAX_PIXELS)))
+  XLA_WINOGRAD_MAX_PIXELS = environment.pixels(
+      "FGR_TF_XLA_WINOGRAD_MAX_PIXELS", winograd.XLA_MAX_PIXELS)
 
   def convolution_op(self, inputs, kernel):
     if applies(inputs.shape, self.kernel_size, self.strides, self.padding,

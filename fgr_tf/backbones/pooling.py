@@ -20,10 +20,10 @@ linear function of dy, so its own derivative (what FGR needs) picks the
 same elements on every execution path: graph, XLA, GPU.
 """
 
-import os
-
 import keras
 import tensorflow as tf
+
+from fgr_tf import environment
 
 
 def first_max_mask(windows, pooled):
@@ -100,7 +100,8 @@ def _pad_to(t, input_shape):
 # TF's own kernel (24 ms against ~2.5 for [128, 32, 32, 64]; up to 11% of
 # the attack). `_unpool_by_xla` is the mask form as one XLA computation:
 # 3-5 ms, whatever the order. Force with FGR_TF_POOL_LOOP_GRADIENT.
-LOOP_GRADIENT = os.environ.get("FGR_TF_POOL_LOOP_GRADIENT", "xla")
+LOOP_GRADIENT = environment.choice("FGR_TF_POOL_LOOP_GRADIENT", "xla",
+                                   ("xla", "native"))
 
 
 @tf.function(jit_compile=True)
@@ -120,7 +121,8 @@ def _unpool_by_xla(x, y, dy, size):
 # AVX-512, 1.06x with AVX2 (`python -m bench.switches
 # --switch=pool_second --modes=fgr --paired_rounds=12`). Force with
 # FGR_TF_POOL_SECOND_DERIVATIVE.
-SECOND_DERIVATIVE = os.environ.get("FGR_TF_POOL_SECOND_DERIVATIVE", "xla")
+SECOND_DERIVATIVE = environment.choice("FGR_TF_POOL_SECOND_DERIVATIVE", "xla",
+                                       ("xla", "ops"))
 
 
 @tf.function(jit_compile=True)

@@ -38,11 +38,11 @@ parameter gradients (tests/test_models.py, tests/test_regularizers.py).
 Third derivatives are not provided (nothing in fgr_tf needs them).
 """
 
-import os
-
 import tensorflow as tf
 # pylint: disable-next=g-direct-tensorflow-import
 from tensorflow.python.ops import control_flow_util
+
+from fgr_tf import environment
 
 _AXES = (0, 1, 2)
 
@@ -177,7 +177,8 @@ def _second_order(e, e_gamma, e_beta, dy_c, inner, centred, rstd, gamma, m2,
 # forward and first backward passes have fewer broadcasts and measured
 # level (or slower) compiled, so they stay TF ops.
 # FGR_TF_BATCH_NORM_ELEMENTWISE="ops" runs these as TF ops too.
-ELEMENTWISE = os.environ.get("FGR_TF_BATCH_NORM_ELEMENTWISE", "xla")
+ELEMENTWISE = environment.choice("FGR_TF_BATCH_NORM_ELEMENTWISE", "xla",
+                                 ("xla", "ops"))
 
 
 def _second_order_outputs(e, mean_e, dy_c, centred, gr, k_r, e_beta, a, b,
