@@ -31,7 +31,6 @@ environment variable FGR_TF_FOLD_BATCHNORM is "0" (read when a model's
 function is first built).
 """
 
-
 from absl import logging
 import keras
 import tensorflow as tf
