@@ -512,10 +512,10 @@ def _flow_differences(fixed, active):
           float32_tolerance(**_round_off(fixed)))
 
 
-def _kinked_adef_images(monkeypatch, model, images, labels, settings,
-                        fixed, active):
+def _kinked_adef_images(model, images, settings, fixed, active, pair):
   """The images whose ADef flows differ beyond round-off between the two
-  paths, each checked to have crossed a kink of the model: bisecting on
+  paths (`pair(max_iter)` runs both and returns their results), each
+  checked to have crossed a kink of the model: bisecting on
   max_iter finds the last iteration after which its two flows still agree
   to round-off; the model's branch decisions (ReLU masks, max-pool
   winners) at the two images deformed by those flows must differ there.
@@ -535,9 +535,7 @@ def _kinked_adef_images(monkeypatch, model, images, labels, settings,
     while differ - agree > 1:
       middle = (agree + differ) // 2
       if middle not in runs:
-        runs[middle] = _fixed_and_active(monkeypatch, model, images, labels,
-                                         "adef",
-                                         dict(settings, max_iter=middle))
+        runs[middle] = pair(middle)
       fixed_m, active_m = runs[middle]
       difference_m, bound_m = _flow_differences(fixed_m, active_m)
       if difference_m[image] <= bound_m:
@@ -608,8 +606,11 @@ def test_active_sets_keep_each_images_outcome(baseline, correct_test_set,
   finished = (fixed.iterations.numpy() if name != "stadv" else
               fixed.iterations.numpy() // 10)
   assert len(set(finished.tolist())) > 1, finished
-  kinked = (_kinked_adef_images(monkeypatch, baseline, images, labels,
-                                ACTIVE_SET_SETTINGS[name], fixed, active)
+  kinked = (_kinked_adef_images(
+      baseline, images, ACTIVE_SET_SETTINGS[name], fixed, active,
+      lambda max_iter: _fixed_and_active(
+          monkeypatch, baseline, images, labels, "adef",
+          dict(ACTIVE_SET_SETTINGS[name], max_iter=max_iter)))
             if name == "adef" else ())
   _assert_same_outcome(fixed, active, images,
                        adam_steps=10 if name == "stadv" else None,
@@ -690,6 +691,54 @@ def test_adef_shared_forward_pass_gives_the_same_result(
     monkeypatch.setattr(adef_lib, "JACOBIAN", jacobian)
     results[jacobian] = attacks.adef(baseline, images, labels, max_iter=10)
   _assert_same_outcome(results[False], results[True], images)
+
+
+@pytest.mark.parametrize("active_sets,count", [
+    (True, 1), (True, 45), (False, 45)])
+def test_adef_first_block_by_xla_keeps_each_images_outcome(
+    baseline, correct_test_set, monkeypatch, active_sets, count):
+  """The candidates' gradients through the first block by XLA
+  (`FIRST_BLOCK` "xla": the jacobian stops at the block's output) give
+  pfor's outcome: with active sets in chunks of `CHUNK` = 32 images (1
+  image: one zero-padded chunk; 45: a last chunk overlapping the first)
+  and on the fixed batch (one call). The XLA path must be the one taken."""
+  images, labels = correct_test_set
+  images, labels = images[:count], labels[:count]
+  monkeypatch.setattr(attacks.common, "ACTIVE_SETS", active_sets)
+  calls = []
+  gradients = adef_lib._candidate_flow_gradients  # pylint: disable=protected-access
+  monkeypatch.setattr(adef_lib, "_candidate_flow_gradients",
+                      lambda *a, **k: calls.append(1) or gradients(*a, **k))
+  baseline._fgr_tf_compiled_attacks.clear()  # retrace: the calls count
+
+  def pair(max_iter):
+    results = []
+    for mode in ("pfor", "xla"):
+      monkeypatch.setattr(adef_lib, "FIRST_BLOCK", mode)
+      results.append(attacks.adef(baseline, images, labels,
+                                  max_iter=max_iter))
+    return tuple(results)
+
+  pfor, xla = pair(20)
+  assert calls, "the first block's XLA path was not taken"
+  kinked = _kinked_adef_images(baseline, images, dict(max_iter=20), pfor,
+                               xla, pair)
+  _assert_same_outcome(pfor, xla, images, kinked=kinked)
+
+
+def test_adef_keeps_pfor_for_colour_images(monkeypatch):
+  """A first block on 3-channel images is not taken (`first_block.
+  applies`: slower there) and ADef runs as before."""
+  keras.utils.set_random_seed(0)
+  model = fgr_tf.backbones.build("small_cnn", 10, (12, 12, 3))
+  images = np.random.default_rng(0).uniform(size=(3, 12, 12, 3))
+  calls = []
+  monkeypatch.setattr(adef_lib, "_candidate_flow_gradients",
+                      lambda *args, **kwargs: calls.append(1))
+  result = attacks.adef(model, images.astype(np.float32), [0, 1, 2],
+                        max_iter=2)
+  assert not calls
+  assert np.isfinite(result.flow.numpy()).all()
 
 
 @pytest.mark.parametrize("name", ["worst_of_k", "adef"])

@@ -11,12 +11,16 @@ smallest L2 norm wins, and the ORIGINAL image is re-deformed with it. Each
 image stops as soon as its label flips.
 """
 
+import functools
+
 import numpy as np
 import tensorflow as tf
 
+from fgr_tf import environment
 from fgr_tf import errors
 from fgr_tf import warp
 from fgr_tf.attacks import common
+from fgr_tf.backbones import first_block
 
 
 def gaussian_kernel(sigma):
@@ -118,6 +122,17 @@ def image_derivatives(images):
 # made ADef 1.3x faster.
 JACOBIAN = True
 
+# With the jacobian: for models with a first block (`backbones.
+# first_block`: the quickstart CNN, VGG), "xla" stops the jacobian at the
+# block's output and applies the block's and the warp's backward passes
+# to the k candidates as one XLA computation (per `CHUNK` images when the
+# batch shrinks: one compiled shape for any batch), instead of pfor's
+# tiled masks; "pfor" differentiates through the block under pfor. Same
+# operations, the first layer's tap sums in another order.
+FIRST_BLOCK = environment.choice("FGR_TF_ADEF_FIRST_BLOCK", "xla",
+                                 ("xla", "pfor"))
+CHUNK = 32
+
 
 def adef(model, images, labels, sigma=0.5, max_iter=100, overshoot=1.1,
          candidates=10, exact_gradient=True, jit_compile="auto"):
@@ -156,11 +171,12 @@ def adef(model, images, labels, sigma=0.5, max_iter=100, overshoot=1.1,
     raise errors.UserError(
         f"max_iter must be an int >= 1. Received: max_iter={max_iter}")
   active_sets = common.use_active_sets(jit_compile)
+  jacobian = JACOBIAN and (FIRST_BLOCK if exact_gradient else "pfor")
   key = ("adef", float(sigma), int(max_iter), float(overshoot),
-         int(candidates), bool(exact_gradient), active_sets, JACOBIAN)
+         int(candidates), bool(exact_gradient), active_sets, jacobian)
   attack = common.compiled(model, key, lambda: _build(
       model, float(sigma), int(max_iter), float(overshoot), int(candidates),
-      bool(exact_gradient), active_sets, JACOBIAN), jit_compile,
+      bool(exact_gradient), active_sets, jacobian), jit_compile,
       varying_batch=active_sets)
   return common.AttackResult(**attack(images, labels))
 
@@ -171,7 +187,8 @@ def _build(model, sigma, max_iter, overshoot, num_candidates, exact_gradient,
   fooled only (gathered, then scattered back), so an iteration costs what
   its remaining images need; else on the whole batch, finished images
   masked (fixed shapes, for XLA). `jacobian`: the candidates share one
-  forward pass (`JACOBIAN`). Same result either way.
+  forward pass (`JACOBIAN`), "xla" or "pfor" (`FIRST_BLOCK`), or False.
+  Same result either way.
 
   The field is kept as our warp's pixel flow (dy, dx) = -(tau_y, tau_x)
   (ADef samples x at p + tau(p), (x, y) order; the warp at p - flow): a
@@ -217,11 +234,25 @@ def _build(model, sigma, max_iter, overshoot, num_candidates, exact_gradient,
               tf.stack([alpha for _, alpha in pairs]))
     with tf.GradientTape() as tape:
       tape.watch(flow)
-      z = common.logits_of(model, common.deform(prepared, flow))
+      deformed = common.deform(prepared, flow)
+      with first_block.record() as block:
+        z = common.logits_of(model, deformed)
       f = (tf.gather(z, candidates, batch_dims=1) -
            tf.gather(z, labels, batch_dims=1)[:, None])  # [B, k]
       f_sums = tf.reduce_sum(f, axis=0)
-    return tf.transpose(f), tape.jacobian(f_sums, flow)
+    if (jacobian != "xla" or not first_block.applies(block) or
+        not _same_tensor(block.inputs, deformed)):
+      return tf.transpose(f), tape.jacobian(f_sums, flow)
+    cotangents = tape.jacobian(f_sums, block.outputs)  # [k, B, ...]
+    args = (cotangents, block.pool_input, prepared.neighbourhoods, flow)
+    gradients = functools.partial(_candidate_flow_gradients,
+                                  kernel=block.kernel,
+                                  pool_size=block.pool_size,
+                                  padding=prepared.padding)
+    if active_sets:
+      return tf.transpose(f), _in_chunks(gradients, *args, chunk=CHUNK,
+                                         image_shape=flow.shape[1:])
+    return tf.transpose(f), gradients(*args)
 
   def smooth(alphas):
     """gaussian_smooth of [k, B, H, W, 2], the k candidates as one batch
@@ -300,6 +331,66 @@ def _build(model, sigma, max_iter, overshoot, num_candidates, exact_gradient,
                 adv_logits=adv_logits)
 
   return attack
+
+
+def _same_tensor(a, b):
+  """Whether graph tensors `a` and `b` are one (Keras may hand a layer
+  another Python object for the model's input tensor)."""
+  return a is b or (hasattr(a, "graph") and hasattr(b, "graph") and
+                    a.graph is b.graph and a.name == b.name)
+
+
+@functools.partial(tf.function, jit_compile=True)
+def _candidate_flow_gradients(cotangents, pool_input, neighbourhoods, flow,
+                              kernel, pool_size, padding):
+  """[k, B, H, W, 2] d/d flow of sum(cotangent * first block output) for
+  each of the k cotangents [k, B, Ho, Wo, C1], the block's input being
+  `common.deform` of the prepared image (`neighbourhoods`, `padding`) by
+  `flow` [B, H, W, 2] (`first_block.input_gradients`, then the deform's
+  backward pass for the k candidates as one batch)."""
+  d_images = first_block.input_gradients(cotangents, pool_input, kernel,
+                                         pool_size)  # [k, B, H, W, C]
+  # The deform is pointwise in the flow: its [B, H, W, C, 2] jacobian from
+  # C backward passes (one per channel), applied to the k candidates.
+  channels = d_images.shape[-1]
+  jacobian = tf.stack([
+      common.deform_vjp(neighbourhoods, flow, tf.one_hot(
+          tf.fill(tf.shape(flow)[:3], c), channels, dtype=flow.dtype),
+                        padding, False, "flow")
+      for c in range(channels)], axis=-2)
+  return tf.reduce_sum(d_images[..., None] * jacobian[None], axis=-2)
+
+
+def _in_chunks(function, cotangents, *per_image, chunk, image_shape):
+  """`function(cotangents, *per_image)` [k, B, *image_shape] computed
+  `chunk` images at a time, so that XLA compiles one shape for any batch
+  size: the last chunk overlaps the one before it (a batch smaller than
+  `chunk` is zero-padded). `cotangents` [k, B, ...], `per_image` [B,
+  ...]."""
+  batch = tf.shape(cotangents)[1]
+  pad = tf.maximum(chunk - batch, 0)
+  padded = lambda t, axis: tf.cond(pad > 0, lambda: tf.pad(
+      t, [[0, 0]] * axis + [[0, pad]] + [[0, 0]] * (t.shape.rank - axis - 1)),
+                                   lambda: t)
+  cotangents = padded(cotangents, 1)
+  per_image = [padded(t, 0) for t in per_image]
+  count = (batch + pad + chunk - 1) // chunk
+
+  def body(i, outputs):
+    start = tf.minimum(i * chunk, batch + pad - chunk)
+    part = slice(start, start + chunk)
+    values = function(cotangents[:, part], *(t[part] for t in per_image))
+    # [chunk, k, ...], without the rows the chunk before computed.
+    values = tf.transpose(values, [1, 0] + list(range(2, values.shape.rank)))
+    return i + 1, outputs.write(i, values[i * chunk - start:])
+
+  _, outputs = tf.while_loop(
+      lambda i, _: i < count, body,
+      (0, tf.TensorArray(cotangents.dtype, size=count, infer_shape=False,
+                         element_shape=[None, cotangents.shape[0]] +
+                         list(image_shape))))
+  merged = outputs.concat()[:batch]  # [B, k, *image_shape]
+  return tf.transpose(merged, [1, 0] + list(range(2, merged.shape.rank)))
 
 
 INFO = common.AttackInfo(adef, kind="minimal")

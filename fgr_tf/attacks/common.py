@@ -235,7 +235,7 @@ def _deform_ops_by_xla(neighbourhoods, flow, padding, normalized):
   return _deform_ops(neighbourhoods, flow, padding, normalized)
 
 
-def _deform_vjp(neighbourhoods, flow, upstream, padding, normalized, wrt):
+def deform_vjp(neighbourhoods, flow, upstream, padding, normalized, wrt):
   """d/d `wrt` ("flow" or "image") of sum(upstream * deform), TF's ops."""
   source = flow if wrt == "flow" else neighbourhoods
   with tf.GradientTape() as tape:
@@ -244,7 +244,7 @@ def _deform_vjp(neighbourhoods, flow, upstream, padding, normalized, wrt):
   return tape.gradient(deformed, source, output_gradients=upstream)
 
 
-_deform_vjp_by_xla = tf.function(_deform_vjp, jit_compile=True)
+_deform_vjp_by_xla = tf.function(deform_vjp, jit_compile=True)
 
 
 def _deform_by_xla(prepared, flow, normalized):
@@ -256,7 +256,7 @@ def _deform_by_xla(prepared, flow, normalized):
     padding = prepared.padding
 
     def grad(upstream):
-      vjp = _deform_vjp if pooling.in_pfor() else _deform_vjp_by_xla
+      vjp = deform_vjp if pooling.in_pfor() else _deform_vjp_by_xla
       return tuple(vjp(neighbourhoods, flow, upstream, padding, normalized,
                        wrt) for wrt in ("image", "flow"))
 

@@ -51,8 +51,7 @@ def applies(conv, inputs_shape, dtype):
           not tf.config.list_logical_devices("GPU"))
 
 
-@tf.function(jit_compile=True)
-def _sum_shifted_taps(products):
+def sum_shifted_taps(products):
   """[B, H, W, 3, 3, C] -> [B, H, W, C]: out[q] = sum over taps t of
   products[q - t + 1, t] (zero outside the map)."""
   height, width = products.shape[1], products.shape[2]
@@ -63,6 +62,9 @@ def _sum_shifted_taps(products):
       part = padded[:, 2 - i:2 - i + height, 2 - j:2 - j + width, i, j, :]
       out = part if out is None else out + part
   return out
+
+
+_sum_shifted_taps = tf.function(sum_shifted_taps, jit_compile=True)
 
 
 def _tap_products(dy, kernel):

@@ -37,6 +37,8 @@ import tensorflow as tf
 
 from fgr_tf import environment
 from fgr_tf.backbones import few_channels
+from fgr_tf.backbones import first_block
+from fgr_tf.backbones import pooling
 
 _CACHE_ATTRIBUTE = "_fgr_tf_folded_inference"
 _FLOAT_DTYPES = ("float32", "float64")
@@ -108,6 +110,53 @@ def _pool_then_relu(pool):
   return call
 
 
+def first_block_layers(model):
+  """(conv, pool) of the model's first block (`first_block`: the model's
+  only input feeds only a Conv2D whose BatchNorm folds into it
+  (`foldable_pairs`) and feeds only a ReLU that feeds a max pooling alone
+  (`relu_pool_pairs`), so the images reach the rest of the model through
+  the pool's output only), or None."""
+  pairs = foldable_pairs(model)
+  for relu, pool in relu_pool_pairs(model).values():
+    bn = _single_consumer_input(relu)
+    conv = _single_consumer_input(bn)
+    if (conv is None or pairs.get(id(conv), (None, None))[1] is not bn or
+        len(getattr(bn, "_outbound_nodes", ())) != 1):
+      continue
+    source = _single_consumer_input(conv)
+    if (isinstance(source, keras.layers.InputLayer) and
+        len(getattr(source, "_outbound_nodes", ())) == 1 and
+        len(getattr(model, "inputs", ())) == 1):
+      return conv, pool
+  return None
+
+
+def _recording_conv(call, kernel):
+  """`call` (the first block's folded convolution), filling an active
+  `first_block.record()` with its input, output and kernel."""
+  def run(inputs, **unused_kwargs):
+    outputs = call(inputs)
+    entry = first_block.recording()
+    if entry is not None and entry.pool_input is None:
+      entry.inputs, entry.pool_input, entry.kernel = inputs, outputs, kernel
+    return outputs
+  return run
+
+
+def _recording_pool_then_relu(pool):
+  """`_pool_then_relu(pool)` for the first block's pool, completing the
+  `first_block.record()` entry its convolution started."""
+  call = _pool_then_relu(pool)
+
+  def run(inputs, **unused_kwargs):
+    outputs = call(inputs)
+    entry = first_block.recording()
+    if entry is not None and entry.pool_input is inputs:
+      entry.outputs, entry.pool_size = outputs, tuple(pool.pool_size)
+    return outputs
+  return run
+
+
 def _scale_and_shift(conv, bn, dtype):
   """(s [C], s b + t [C]) of the module docstring, in `dtype`."""
   def read(variable):
@@ -161,7 +210,8 @@ def _prepared_folded_conv(conv, bn, varying_batch):
   # pylint: disable-next=protected-access
   inputs_shape = conv._inbound_nodes[0].input_tensors[0].shape
   prepare = getattr(conv, "prepared_convolution_op", None)
-  if few_channels.applies(conv, inputs_shape, dtype):
+  few = few_channels.applies(conv, inputs_shape, dtype)
+  if few:
     with_bias = few_channels.conv_with_bias(kernel, shift,
                                             xla=not varying_batch)
   elif prepare is not None:
@@ -173,7 +223,7 @@ def _prepared_folded_conv(conv, bn, varying_batch):
 
   def call(inputs, **unused_kwargs):
     return tf.cast(with_bias(tf.cast(inputs, dtype)), bn.compute_dtype)
-  return call
+  return call, (kernel if few else None)
 
 
 def _identity(inputs, **unused_kwargs):
@@ -258,7 +308,7 @@ def _build(model, prepared):
   def with_convolutions(convolutions):
     """images -> outputs, each folded pair running convolutions[id(conv)]."""
     def operation_fn(operation):
-      if id(operation) in convolutions:
+      if id(operation) in convolutions:  # and the first block's pool
         return convolutions[id(operation)]
       if id(operation) in folded_bns or id(operation) in swapped_relus:
         return _identity
@@ -277,10 +327,21 @@ def _build(model, prepared):
     return with_convolutions(
         {key: _folded_conv(*pair) for key, pair in pairs.items()})
 
+  block = first_block_layers(model)
+
   @tf.autograph.experimental.do_not_convert
   def prepare(varying_batch=False):
-    return with_convolutions(
-        {key: _prepared_folded_conv(*pair, varying_batch)
-         for key, pair in pairs.items()})
+    operations = {}
+    for key, pair in pairs.items():
+      operations[key], few_channels_kernel = _prepared_folded_conv(
+          *pair, varying_batch)
+      if (block is not None and pair[0] is block[0] and
+          few_channels_kernel is not None and pooling.applies(
+              block[1].input.shape, block[1].pool_size, block[1].strides,
+              block[1].padding, block[1].data_format)):
+        operations[key] = _recording_conv(operations[key],
+                                          few_channels_kernel)
+        operations[id(block[1])] = _recording_pool_then_relu(block[1])
+    return with_convolutions(operations)
 
   return prepare

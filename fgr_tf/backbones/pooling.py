@@ -76,10 +76,10 @@ def _unpool(dy, mask, input_shape):
   ph, pw = mask.shape[2], mask.shape[4]
   routed = tf.reshape(mask * dy[:, :, None, :, None, :],
                       [-1, dy.shape[1] * ph, dy.shape[2] * pw, dy.shape[3]])
-  return _pad_to(routed, input_shape)
+  return pad_to(routed, input_shape)
 
 
-def _pad_to(t, input_shape):
+def pad_to(t, input_shape):
   """[B, h, w, C] zero-padded at the bottom and right to the input's H, W
   (the rows and columns that "valid" pooling dropped)."""
   pad_h = input_shape[1] - t.shape[1]
@@ -147,7 +147,7 @@ def _unpool_same_shape(dy, full_mask):
   ph = full_mask.shape[1] // dy.shape[1]
   pw = full_mask.shape[2] // dy.shape[2]
   up = tf.repeat(tf.repeat(dy, ph, axis=1), pw, axis=2)
-  return _pad_to(up, full_mask.shape) * full_mask
+  return pad_to(up, full_mask.shape) * full_mask
 
 
 def in_pfor():
