@@ -38,7 +38,10 @@ default (--vgg_steps_scale; the bound scales with them).
 `--save=path.npz` writes every attack's per-image success, iterations,
 t_norm and flow, to compare two runs (`--compare=a.npz,b.npz`).
 `--profile` prints the op types that took the most time per attack
-(`bench.profile_ops`).
+(`bench.profile_ops`). `--paired_switch=<bench.switches switch>` times
+each attack with the switch on against off instead, alternating
+`--paired_rounds` rounds in one process (e.g. `--models=small_cnn
+--attacks=adef --paired_switch=adef_first_block`).
 """
 
 import json
@@ -57,6 +60,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import fgr_tf  # noqa: E402
+from bench import switches  # noqa: E402
 from fgr_tf import synthetic  # noqa: E402
 
 _MODELS = flags.DEFINE_list("models", ["small_cnn", "vgg11"],
@@ -76,6 +80,12 @@ _PROFILE = flags.DEFINE_bool("profile", False, "Print the top op types.")
 _JIT = flags.DEFINE_bool("xla", False, "Run the attacks with XLA.")
 _JSON = flags.DEFINE_string("json_out", "",
                             "Append JSON lines of the results.")
+_PAIRED_SWITCH = flags.DEFINE_enum(
+    "paired_switch", "", [""] + sorted(switches.SWITCHES),
+    "Instead of the table: each attack with this bench.switches switch on "
+    "against off, alternating in one process (`time_paired`).")
+_PAIRED_ROUNDS = flags.DEFINE_integer("paired_rounds", 12,
+                                      "Rounds of --paired_switch.")
 
 MODELS = {
     "small_cnn": dict(shape=(28, 28, 1), batch=250),
@@ -224,6 +234,45 @@ def time_attack(model, attack, settings, images, labels, repeats):
   return statistics.median(seconds), result
 
 
+def time_paired(models, attack, settings, images, labels, switch, rounds,
+                jit_compile=False):
+  """{"on": [s per call], "off": [...]}: the attack with `switch`
+  (`bench.switches.SWITCHES`) on and off, on `models[setting]` (two copies
+  of one model, so that each keeps the trace made with its setting), the
+  setting applied again before each call (for switches read at the
+  call); each traced on 4 and 8 images and run once on the batch, then
+  `rounds` rounds of one call each, alternating which goes first. The
+  defaults are restored."""
+  def call(setting, count=None):
+    switches.SWITCHES[switch][setting]()
+    fgr_tf.attacks.make(attack, **settings)(
+        models[setting], images[:count], labels[:count],
+        jit_compile=jit_compile).success.numpy()
+
+  seconds = {"on": [], "off": []}
+  try:
+    for setting in ("on", "off"):
+      for count in (4, 8, None):
+        call(setting, count)
+    for round_ in range(rounds):
+      for setting in ("on", "off") if round_ % 2 == 0 else ("off", "on"):
+        start = time.perf_counter()
+        call(setting)
+        seconds[setting].append(time.perf_counter() - start)
+  finally:
+    switches.SWITCHES[switch]["on"]()
+  return seconds
+
+
+def format_paired(name, attack, seconds, batch):
+  ratios = [off / on for on, off in zip(seconds["on"], seconds["off"])]
+  return (f"{name} {attack}: on {statistics.median(seconds['on']) / batch:.5f}"
+          f" s/image, off {statistics.median(seconds['off']) / batch:.5f}; "
+          f"off / on per round: median {statistics.median(ratios):.3f}, mean "
+          f"{statistics.mean(ratios):.3f}, range {min(ratios):.3f}-"
+          f"{max(ratios):.3f} ({len(ratios)} rounds)")
+
+
 def profile_attack(model, attack, settings, images, labels):
   from bench import profile_ops  # pylint: disable=g-import-not-at-top
   import glob  # pylint: disable=g-import-not-at-top
@@ -258,6 +307,18 @@ def main(argv):
   print(f"CPU: {cpu_model_name()}; ONEDNN_MAX_CPU_ISA="
         f"{os.environ.get('ONEDNN_MAX_CPU_ISA', '(unset)')}; TF "
         f"{tf.__version__}; {os.cpu_count()} cores")
+  if _PAIRED_SWITCH.value:
+    for name in _MODELS.value:
+      batch = MODELS[name]["batch"]
+      images, labels = data(name, "test", batch)
+      models = {setting: trained_model(name, _CACHE.value)
+                for setting in ("on", "off")}
+      for attack in _ATTACKS.value:
+        seconds = time_paired(models, attack, settings_for(name, attack),
+                              images, labels, _PAIRED_SWITCH.value,
+                              _PAIRED_ROUNDS.value, _JIT.value)
+        print(format_paired(name, attack, seconds, batch))
+    return
   gflops = matmul_gflops()
   print(f"sustained matmul: {gflops:.0f} GFLOP/s (2048^2 float32)")
   saved, rows = {}, []

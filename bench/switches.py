@@ -25,6 +25,10 @@ attacks' first-layer input gradient by a matmul (`few_channels.GRADIENT =
 "matmul"`) against oneDNN's ("native"). `--switch=deform`: the attacks'
 deform (warp, clip, their gradients) as XLA computations
 (`attacks.common.DEFORM_BY_XLA`) against TF ops.
+`--switch=adef_first_block`: ADef's first block for all candidates by XLA
+(`attacks.adef.FIRST_BLOCK = "xla"`) against pfor; `bench.steps` has no
+ADef mode: time it with `python -m bench.attacks
+--paired_switch=adef_first_block` (trained models, real images).
 Each of --traces rounds builds a fresh model
 per setting (so each gets its own trace: oneDNN's graph rewrites can
 differ between traces), runs one untimed call, then times --repeats calls
@@ -40,6 +44,7 @@ inference forward, flow_pgd: the 10-step attack, plain / fgr: training
 steps).
 """
 
+import importlib
 import os
 import statistics
 import time
@@ -57,6 +62,9 @@ from fgr_tf.backbones import gemm_conv  # noqa: E402
 from fgr_tf.backbones import pooling  # noqa: E402
 from fgr_tf.backbones import train_batch_norm  # noqa: E402
 from fgr_tf.backbones import winograd  # noqa: E402
+
+# The module (fgr_tf.attacks.adef is the function).
+_adef = importlib.import_module("fgr_tf.attacks.adef")
 
 SWITCHES = {
     # setting name -> function applying it before a model is built/traced.
@@ -83,6 +91,11 @@ SWITCHES = {
         "off": lambda: setattr(few_channels, "GRADIENT", "native")},
     "deform": {"on": lambda: setattr(common, "DEFORM_BY_XLA", True),
                "off": lambda: setattr(common, "DEFORM_BY_XLA", False)},
+    # Read when ADef is called (part of its cache key): time it with
+    # `python -m bench.attacks --paired_switch=adef_first_block`.
+    "adef_first_block": {
+        "on": lambda: setattr(_adef, "FIRST_BLOCK", "xla"),
+        "off": lambda: setattr(_adef, "FIRST_BLOCK", "pfor")},
 }
 
 

@@ -1,7 +1,10 @@
 """The benchmark runs (its speed is not tested here)."""
 
+import importlib
 import os
 
+import keras
+import numpy as np
 import pytest
 
 import fgr_tf
@@ -60,6 +63,36 @@ def test_switches_bench_runs_and_restores_the_defaults(switch):
   assert fgr_tf.backbones.train_batch_norm.ELEMENTWISE == "xla"
   assert fgr_tf.attacks.common.DEFORM_BY_XLA
   assert "FGR_TF_FOLD_BATCHNORM" not in os.environ
+
+
+def test_attacks_bench_times_a_switch_paired_and_restores_the_default():
+  """`bench.attacks --paired_switch`: each setting on its own copy of the
+  model, alternating rounds; ADef's first-block switch is read at the
+  call, so both paths run (the XLA one only with the switch on)."""
+  keras.utils.set_random_seed(0)
+  model = fgr_tf.backbones.build("small_cnn", 3, (12, 12, 1))
+  models = {"on": model, "off": keras.models.clone_model(model)}
+  models["off"].set_weights(model.get_weights())
+  images = np.random.default_rng(0).uniform(size=(8, 12, 12, 1)).astype(
+      np.float32)
+  labels = np.argmax(model(images), -1)
+  adef = importlib.import_module("fgr_tf.attacks.adef")
+  used = []
+  gradients = adef._candidate_flow_gradients  # pylint: disable=protected-access
+  def counted(*args, **kwargs):
+    used.append(adef.FIRST_BLOCK)
+    return gradients(*args, **kwargs)
+  adef._candidate_flow_gradients = counted
+  try:
+    seconds = attacks.time_paired(models, "adef", dict(max_iter=2), images,
+                                  labels, "adef_first_block", rounds=2)
+  finally:
+    adef._candidate_flow_gradients = gradients
+  assert used and set(used) == {"xla"}  # traced on the "on" copy only
+  assert all(len(s) == 2 and min(s) > 0 for s in seconds.values())
+  assert adef.FIRST_BLOCK == "xla"
+  assert "off / on per round" in attacks.format_paired("m", "adef", seconds,
+                                                       8)
 
 
 def test_batch_norm_bench_runs_and_its_implementations_agree():
