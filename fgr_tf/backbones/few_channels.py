@@ -13,8 +13,10 @@ Xeon, AVX-512): the quickstart CNN's first layer (28x28, 32 <- 1, batch
 oneDNN slower. Same sums in another order (float32 round-off).
 
 `folding.prepared_inference_function` (the attacks' loops) runs such
-layers through `conv_with_bias`. Under pfor (ADef's jacobian, which
-cannot vectorize an XLA call) and on batches that change size (XLA would
+layers through `conv_with_bias`. Under pfor (ADef's jacobian on colour
+images, which cannot vectorize an XLA call; on gray images ADef stops the
+jacobian before the first block: `first_block`) and on batches that
+change size (XLA would
 compile once per size) the nine shifted sums are instead one 3x3
 convolution of the products with a constant 0/1 kernel
 (`input_gradient_by_ops`): under pfor, 9 x 90 gradients of the quickstart
