@@ -60,7 +60,6 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import fgr_tf  # noqa: E402
-from bench import switches  # noqa: E402
 from fgr_tf import synthetic  # noqa: E402
 
 _MODELS = flags.DEFINE_list("models", ["small_cnn", "vgg11"],
@@ -80,8 +79,8 @@ _PROFILE = flags.DEFINE_bool("profile", False, "Print the top op types.")
 _JIT = flags.DEFINE_bool("xla", False, "Run the attacks with XLA.")
 _JSON = flags.DEFINE_string("json_out", "",
                             "Append JSON lines of the results.")
-_PAIRED_SWITCH = flags.DEFINE_enum(
-    "paired_switch", "", [""] + sorted(switches.SWITCHES),
+_PAIRED_SWITCH = flags.DEFINE_string(
+    "paired_switch", "",
     "Instead of the table: each attack with this bench.switches switch on "
     "against off, alternating in one process (`time_paired`).")
 _PAIRED_ROUNDS = flags.DEFINE_integer("paired_rounds", 12,
@@ -243,6 +242,11 @@ def time_paired(models, attack, settings, images, labels, switch, rounds,
   call); each traced on 4 and 8 images and run once on the batch, then
   `rounds` rounds of one call each, alternating which goes first. The
   defaults are restored."""
+  # Here, not at the top: bench.switches defines bench.steps' flags, which
+  # clash with those of the modules that import this one (flop_bound).
+  from bench import switches  # pylint: disable=g-import-not-at-top
+  switches.check(switch)
+
   def call(setting, count=None):
     switches.SWITCHES[switch][setting]()
     fgr_tf.attacks.make(attack, **settings)(

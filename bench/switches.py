@@ -99,7 +99,7 @@ SWITCHES = {
 }
 
 
-def _check(switch):
+def check(switch):
   if switch not in SWITCHES:
     raise ValueError(f"Unknown switch {switch!r}. Expected one of "
                      f"{sorted(SWITCHES)}.")
@@ -119,7 +119,7 @@ def _traced_step(switch, setting, mode, model_name, classes, images,
 def run(switch, modes, model_name="vgg11", batch=128, size=32, channels=3,
         classes=10, traces=3, calls=2):
   """{mode: {"on": [ms per trace], "off": [...]}}."""
-  _check(switch)
+  check(switch)
   images, labels = steps.synthetic_batch(batch, size, channels, classes)
   times = {mode: {"on": [], "off": []} for mode in modes}
   try:
@@ -146,7 +146,7 @@ def run_paired(switch, modes, model_name="vgg11", batch=128, size=32,
   `calls` calls of each (mean), alternating which goes first. Finer than
   `run` for switches that do not depend on the trace (training steps):
   both models see the same minutes of a noisy machine."""
-  _check(switch)
+  check(switch)
   images, labels = steps.synthetic_batch(batch, size, channels, classes)
   times = {mode: {"on": [], "off": []} for mode in modes}
   try:

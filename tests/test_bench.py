@@ -2,6 +2,9 @@
 
 import importlib
 import os
+import re
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -16,6 +19,12 @@ from bench import profile_ops
 from bench import steps
 from bench import switches
 from helpers import float32_tolerance
+from helpers import ROOT
+
+# The bench modules run as scripts (torch_original runs in a PyTorch venv).
+_MAINS = sorted(path.stem for path in (ROOT / "bench").glob("*.py")
+                if "__main__" in path.read_text() and
+                path.stem != "torch_original")
 
 
 def test_bench_smoke_reports_every_mode():
@@ -93,6 +102,8 @@ def test_attacks_bench_times_a_switch_paired_and_restores_the_default():
   assert adef.FIRST_BLOCK == "xla"
   assert "off / on per round" in attacks.format_paired("m", "adef", seconds,
                                                        8)
+  with pytest.raises(ValueError, match="Unknown switch 'fast'"):
+    attacks.time_paired(models, "adef", {}, images, labels, "fast", 1)
 
 
 def test_batch_norm_bench_runs_and_its_implementations_agree():
@@ -145,3 +156,17 @@ def test_flop_bound_counts_vgg11_by_hand():
   rates = flop_bound.bound_images_per_s(by_hand, 100.0)
   assert rates["eval"] == 100e9 / by_hand
   assert rates["fgr"] * 6 == rates["eval"] == rates["flow_pgd"] * 20
+
+
+@pytest.mark.parametrize("module", _MAINS)
+def test_bench_script_starts(module):
+  """`python -m bench.<module> --help` prints its usage: its flags do not
+  clash with those of the bench modules it imports (absl raises
+  DuplicateFlagError at start-up: bench.flop_bound did, once bench.attacks
+  imported bench.switches at the top)."""
+  proc = subprocess.run([sys.executable, "-m", f"bench.{module}", "--help"],
+                        capture_output=True, text=True, cwd=ROOT,
+                        timeout=300, check=False)
+  text = proc.stdout + proc.stderr
+  assert "Traceback" not in text, text[-3000:]
+  assert re.search("usage|flags", text, re.IGNORECASE), text[-3000:]
