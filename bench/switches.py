@@ -25,6 +25,10 @@ attacks' first-layer input gradient by a matmul (`few_channels.GRADIENT =
 "matmul"`) against oneDNN's ("native"). `--switch=deform`: the attacks'
 deform (warp, clip, their gradients) as XLA computations
 (`attacks.common.DEFORM_BY_XLA`) against TF ops.
+`--switch=first_block`: the attacks' first block on gray images at a
+fixed batch as one operation (`first_block.block`: pool and ReLU by XLA
+keeping the winners, the input gradient one XLA computation from them)
+against the folded convolution, TF's pool and ReLU ("ops").
 `--switch=adef_first_block`: ADef's first block for all candidates by XLA
 (`attacks.adef.FIRST_BLOCK = "xla"`) against pfor; `bench.steps` has no
 ADef mode: time it with `python -m bench.attacks
@@ -58,6 +62,7 @@ import fgr_tf  # noqa: E402
 from bench import steps  # noqa: E402
 from fgr_tf.attacks import common  # noqa: E402
 from fgr_tf.backbones import few_channels  # noqa: E402
+from fgr_tf.backbones import first_block  # noqa: E402
 from fgr_tf.backbones import gemm_conv  # noqa: E402
 from fgr_tf.backbones import pooling  # noqa: E402
 from fgr_tf.backbones import train_batch_norm  # noqa: E402
@@ -91,6 +96,9 @@ SWITCHES = {
         "off": lambda: setattr(few_channels, "GRADIENT", "native")},
     "deform": {"on": lambda: setattr(common, "DEFORM_BY_XLA", True),
                "off": lambda: setattr(common, "DEFORM_BY_XLA", False)},
+    "first_block": {
+        "on": lambda: setattr(first_block, "BLOCK", "xla"),
+        "off": lambda: setattr(first_block, "BLOCK", "ops")},
     # Read when ADef is called (part of its cache key): time it with
     # `python -m bench.attacks --paired_switch=adef_first_block`.
     "adef_first_block": {

@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 import fgr_tf
+from fgr_tf.backbones import first_block
 from fgr_tf.backbones import folding
 from tests.helpers import assert_close_float32
 from tests.helpers import tiny_backbone
@@ -213,10 +214,12 @@ def test_attack_loops_carry_the_weights_read_once(monkeypatch):
   np.testing.assert_array_equal(flows[True], flows[False])
 
 
-def test_relus_before_max_pools_are_swapped_only_when_alone():
+def test_relus_before_max_pools_are_swapped_only_when_alone(monkeypatch):
   """VGG-11's five and the small CNN's two pools follow a ReLU; the
   prepared function pools first (its ReLU then runs on the pooled map). A
-  ReLU whose output also feeds another layer is not swapped."""
+  ReLU whose output also feeds another layer is not swapped. (The first
+  block as TF ops: `first_block.block` runs its ReLU inside XLA.)"""
+  monkeypatch.setattr(first_block, "BLOCK", "ops")
   for name, shape, pools in (("vgg11", (32, 32, 3), 5),
                              ("small_cnn", (12, 12, 1), 2)):
     model = fgr_tf.backbones.build(name, 10, shape)

@@ -31,13 +31,22 @@ folds into it and feeds a ReLU that feeds a non-overlapping max pool alone
 
 import contextlib
 import dataclasses
+import functools
 import threading
 import typing
 
+import numpy as np
 import tensorflow as tf
 
+from fgr_tf import environment
 from fgr_tf.backbones import few_channels
 from fgr_tf.backbones import pooling
+
+# How the attacks' loops at a fixed batch size (flow-PGD, stAdv, the FGR
+# adversary) run a first block on gray images: "xla" (`block`) or "ops"
+# (the folded convolution, TF's max pool and ReLU, and their gradients as
+# elsewhere). FGR_TF_FIRST_BLOCK forces either.
+BLOCK = environment.choice("FGR_TF_FIRST_BLOCK", "xla", ("xla", "ops"))
 
 
 @dataclasses.dataclass
@@ -110,14 +119,21 @@ def input_gradients(cotangents, pool_input, kernel, pool_size):
     [k, B, H, W, 1]. Broadcasts the [B, ...] masks over the k cotangents
     (meant to run inside an XLA computation, which fuses them).
   """
-  k = tf.shape(cotangents)[0]
-  height, width, c1 = pool_input.shape[1:]
-  ph, pw = pool_size
   x = pooling.windows(pool_input, pool_size)  # [B, Ho, ph, Wo, pw, C1]
   y = tf.reduce_max(x, axis=[2, 4])
-  # The pool's first maximum, where the ReLU after it passes (y > 0).
-  mask = pooling.first_max_mask(x, y) * tf.cast(
-      y > 0, x.dtype)[:, :, None, :, None, :]
+  return _routed_input_gradients(
+      cotangents, pooling.first_max_mask(x, y), y, kernel,
+      pool_input.shape[1:3])
+
+
+def _routed_input_gradients(cotangents, mask, y, kernel, size):
+  """`input_gradients` given the pool's 0/1 first-maximum mask [B, Ho, ph,
+  Wo, pw, C1] and maxima y [B, Ho, Wo, C1]; size: the input's (H, W)."""
+  k = tf.shape(cotangents)[0]
+  height, width = size
+  ph, pw, c1 = mask.shape[2], mask.shape[4], mask.shape[5]
+  # Where the ReLU after the pool passes (y > 0).
+  mask = mask * tf.cast(y > 0, mask.dtype)[:, :, None, :, None, :]
   routed = mask[None] * cotangents[:, :, :, None, :, None, :]
   routed = pooling.pad_to(tf.reshape(
       routed, [-1, (height // ph) * ph, (width // pw) * pw, c1]),
@@ -130,3 +146,97 @@ def input_gradients(cotangents, pool_input, kernel, pool_size):
   d_inputs = few_channels.sum_shifted_taps(tf.reshape(
       products, [-1, height, width, 3, 3, 1]))
   return tf.reshape(d_inputs, [k, tf.shape(cotangents)[1], height, width, 1])
+
+
+def pool_with_winners(x, pool_size):
+  """(y, winners) of NHWC `x` [B, H, W, C]: y = its non-overlapping "valid"
+  max pool [B, Ho, Wo, C]; winners [B, Ho, Wo, C] int8, the row-major
+  index in its window of each window's FIRST maximum (`pooling.
+  first_max_mask`), ph * pw where there is none (a NaN)."""
+  windows = pooling.windows(x, pool_size)
+  ph, pw = pool_size
+  y = tf.reduce_max(windows, axis=[2, 4])
+  winners = tf.fill(tf.shape(y), tf.constant(ph * pw, tf.int8))
+  for q in reversed(range(ph * pw)):
+    winners = tf.where(tf.equal(windows[:, :, q // pw, :, q % pw, :], y),
+                       tf.constant(q, tf.int8), winners)
+  return y, winners
+
+
+def winners_mask(winners, pool_size, dtype):
+  """The 0/1 [B, Ho, ph, Wo, pw, C] mask of `pool_with_winners`' winners."""
+  ph, pw = pool_size
+  index = tf.constant(np.arange(ph * pw, dtype=np.int8).reshape(
+      [1, 1, ph, 1, pw, 1]))
+  return tf.cast(tf.equal(winners[:, :, None, :, None, :], index), dtype)
+
+
+@functools.partial(tf.function, jit_compile=True)
+def _forward_by_xla(z, pool_size):
+  y, winners = pool_with_winners(z, pool_size)
+  return tf.nn.relu(y), y, winners
+
+
+@functools.partial(tf.function, jit_compile=True)
+def _input_gradient_by_xla(dy, y, winners, kernel, size, pool_size):
+  return _routed_input_gradients(
+      dy[None], winners_mask(winners, pool_size, dy.dtype), y, kernel,
+      size)[0]
+
+
+def block(kernel, bias, pool_size):
+  """images [B, H, W, 1] -> relu(max_pool(conv(images, kernel) + bias))
+  (3x3, stride 1, "same"; the pool non-overlapping, "valid"), for loops
+  at a fixed batch size (XLA compiles per shape).
+
+  The pool and its ReLU run as one XLA computation that also keeps each
+  window's winner (one byte per output), and the gradient w.r.t. the
+  images is one XLA computation from those: routing, the 9 tap products
+  and their shifted sums, without writing the full-size gradient of the
+  convolution's output or reading its output again. The values of the
+  pool's and the ReLU's own derivatives (`pooling.max_pool`: the first
+  maximum; 0 at 0); kernel and bias gradients TF's. Under pfor the
+  gradient is the autodiff of the same ops (`pooling.max_pool`).
+  """
+
+  pool_inputs = []
+
+  @tf.custom_gradient
+  def call(images, kernel, bias):
+    z = tf.nn.bias_add(tf.nn.conv2d(images, kernel, 1, "SAME"), bias)
+    pool_inputs.append(z)
+    outputs, y, winners = _forward_by_xla(z, tuple(pool_size))
+
+    def grad(dy):
+      if pooling.in_pfor():
+        with tf.GradientTape() as tape:
+          tape.watch([images, kernel, bias])
+          again = tf.nn.relu(pooling.max_pool(tf.nn.bias_add(
+              tf.nn.conv2d(images, kernel, 1, "SAME"), bias), pool_size))
+        return tape.gradient(again, [images, kernel, bias],
+                             output_gradients=dy)
+      d_images = _input_gradient_by_xla(dy, y, winners, kernel,
+                                        tuple(images.shape[1:3]),
+                                        tuple(pool_size))
+      # The kernel's and the bias' (not computed unless asked for).
+      dz = pooling.pad_to(tf.reshape(
+          winners_mask(winners, pool_size, dy.dtype) *
+          (dy * tf.cast(y > 0, dy.dtype))[:, :, None, :, None, :],
+          [-1, y.shape[1] * pool_size[0], y.shape[2] * pool_size[1],
+           y.shape[3]]), z.shape)
+      d_kernel = tf.compat.v1.nn.conv2d_backprop_filter(
+          images, tf.shape(kernel), dz, [1, 1, 1, 1], "SAME")
+      return d_images, d_kernel, tf.reduce_sum(dz, axis=[0, 1, 2])
+
+    return outputs, grad
+
+  def run(images):
+    outputs = call(images, kernel, bias)
+    entry = recording()
+    if entry is not None:  # the tensors a jacobian can stop at
+      entry.inputs, entry.pool_input, entry.kernel = (images, pool_inputs[-1],
+                                                      kernel)
+      entry.outputs, entry.pool_size = outputs, tuple(pool_size)
+    return outputs
+
+  return run

@@ -157,6 +157,14 @@ def _recording_pool_then_relu(pool):
   return run
 
 
+def _fused_first_block(call, dtype, output_dtype):
+  """`first_block.block` as the first block's pool operation (its
+  convolution, BatchNorm and ReLU run as identities)."""
+  def run(inputs, **unused_kwargs):
+    return tf.cast(call(tf.cast(inputs, dtype)), output_dtype)
+  return run
+
+
 def _scale_and_shift(conv, bn, dtype):
   """(s [C], s b + t [C]) of the module docstring, in `dtype`."""
   def read(variable):
@@ -223,7 +231,7 @@ def _prepared_folded_conv(conv, bn, varying_batch):
 
   def call(inputs, **unused_kwargs):
     return tf.cast(with_bias(tf.cast(inputs, dtype)), bn.compute_dtype)
-  return call, (kernel if few else None)
+  return call, ((kernel, shift) if few else None)
 
 
 def _identity(inputs, **unused_kwargs):
@@ -333,14 +341,23 @@ def _build(model, prepared):
   def prepare(varying_batch=False):
     operations = {}
     for key, pair in pairs.items():
-      operations[key], few_channels_kernel = _prepared_folded_conv(
+      operations[key], few_channels_weights = _prepared_folded_conv(
           *pair, varying_batch)
-      if (block is not None and pair[0] is block[0] and
-          few_channels_kernel is not None and pooling.applies(
+      if (block is None or pair[0] is not block[0] or
+          few_channels_weights is None or not pooling.applies(
               block[1].input.shape, block[1].pool_size, block[1].strides,
               block[1].padding, block[1].data_format)):
-        operations[key] = _recording_conv(operations[key],
-                                          few_channels_kernel)
+        continue
+      kernel, shift = few_channels_weights
+      if (not varying_batch and kernel.shape[2] == 1 and
+          first_block.BLOCK == "xla"):
+        # The block as one operation, run where its pool was.
+        operations[key] = _identity
+        operations[id(block[1])] = _fused_first_block(
+            first_block.block(kernel, shift, block[1].pool_size),
+            kernel.dtype, pair[1].compute_dtype)
+      else:
+        operations[key] = _recording_conv(operations[key], kernel)
         operations[id(block[1])] = _recording_pool_then_relu(block[1])
     return with_convolutions(operations)
 
