@@ -122,13 +122,15 @@ def image_derivatives(images):
 # made ADef 1.3x faster.
 JACOBIAN = True
 
-# With the jacobian: for models with a first block (`backbones.
-# first_block`: the quickstart CNN, VGG), "xla" stops the jacobian at the
-# block's output and applies the block's and the warp's backward passes
-# to the k candidates as one XLA computation (per `CHUNK` images when the
-# batch shrinks: one compiled shape for any batch), instead of pfor's
-# tiled masks; "pfor" differentiates through the block under pfor. Same
-# operations, the first layer's tap sums in another order.
+# With the jacobian: for models with a first block on gray images
+# (`backbones.first_block.applies`: the quickstart CNN), "xla" stops the
+# jacobian at the block's output and applies the block's and the warp's
+# backward passes to the k candidates as one XLA computation (per `CHUNK`
+# images when the batch shrinks: one compiled shape for any batch),
+# instead of pfor's tiled masks; "pfor" differentiates through the block
+# under pfor. Same operations, the first layer's tap sums in another
+# order. Measured: ADef 1.22x faster on the quickstart CNN (AVX2 kernels
+# 1.19x; docs/PERFORMANCE.md, session 14).
 FIRST_BLOCK = environment.choice("FGR_TF_ADEF_FIRST_BLOCK", "xla",
                                  ("xla", "pfor"))
 CHUNK = 32

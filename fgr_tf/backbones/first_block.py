@@ -26,7 +26,16 @@ tap sums in another order (float32 round-off).
 A first block is the model's input feeding a Conv2D (3x3, stride 1,
 "same", few input channels: `few_channels.applies`) whose BatchNorm
 folds into it and feeds a ReLU that feeds a non-overlapping max pool alone
-(`folding.relu_pool_pairs`): the quickstart CNN's and VGG's.
+(`folding.relu_pool_pairs`): the quickstart CNN's and VGG's. Both forms
+here take gray images only (`applies`).
+
+The attacks' loops at a fixed batch size (flow-PGD, stAdv, the FGR
+adversary) run such a block on gray images as one operation, `block`: the
+pool and its ReLU by XLA keeping each window's winner, the input gradient
+one XLA computation from the winners (the routing fused with the tap
+products, as above), so the convolution's full-size gradient is never
+written and its output never read again: flow-PGD 1.056x and stAdv
+1.051x faster on the quickstart CNN (docs/PERFORMANCE.md, session 14).
 """
 
 import contextlib
@@ -199,12 +208,27 @@ def block(kernel, bias, pool_size):
   gradient is the autodiff of the same ops (`pooling.max_pool`).
   """
 
-  pool_inputs = []
+  def run(images):
+    pool_input = []  # z, for a `record()` entry
+    outputs = _block_call(pool_size, pool_input)(images, kernel, bias)
+    entry = recording()
+    if entry is not None:  # the tensors a jacobian can stop at
+      entry.inputs, entry.pool_input, entry.kernel = (images, pool_input[0],
+                                                      kernel)
+      entry.outputs, entry.pool_size = outputs, tuple(pool_size)
+    return outputs
+
+  return run
+
+
+def _block_call(pool_size, pool_input):
+  """`block`'s custom-gradient function of (images, kernel, bias); appends
+  the convolution's output to the list `pool_input`."""
 
   @tf.custom_gradient
   def call(images, kernel, bias):
     z = tf.nn.bias_add(tf.nn.conv2d(images, kernel, 1, "SAME"), bias)
-    pool_inputs.append(z)
+    pool_input.append(z)
     outputs, y, winners = _forward_by_xla(z, tuple(pool_size))
 
     def grad(dy):
@@ -230,13 +254,4 @@ def block(kernel, bias, pool_size):
 
     return outputs, grad
 
-  def run(images):
-    outputs = call(images, kernel, bias)
-    entry = recording()
-    if entry is not None:  # the tensors a jacobian can stop at
-      entry.inputs, entry.pool_input, entry.kernel = (images, pool_inputs[-1],
-                                                      kernel)
-      entry.outputs, entry.pool_size = outputs, tuple(pool_size)
-    return outputs
-
-  return run
+  return call
