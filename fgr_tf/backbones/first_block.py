@@ -112,7 +112,13 @@ def applies(entry):
   first block, 27 products of 64 channels, 9 candidates x 128 images: 750
   ms; 91 as a dot of the routed gradient written out, and then ADef on
   VGG-11 was 0.094 against pfor's 0.083 s per image)."""
-  return entry.outputs is not None and entry.kernel.shape[2] == 1
+  return entry.outputs is not None and gray(entry.kernel)
+
+
+def gray(kernel):
+  """Whether the [3, 3, C, C1] first-layer `kernel` takes gray images
+  (C = 1), the only ones the forms here take."""
+  return kernel.shape[2] == 1
 
 
 def input_gradients(cotangents, pool_input, kernel, pool_size):
@@ -243,11 +249,9 @@ def _block_call(pool_size, pool_input):
                                         tuple(images.shape[1:3]),
                                         tuple(pool_size))
       # The kernel's and the bias' (not computed unless asked for).
-      dz = pooling.pad_to(tf.reshape(
-          winners_mask(winners, pool_size, dy.dtype) *
-          (dy * tf.cast(y > 0, dy.dtype))[:, :, None, :, None, :],
-          [-1, y.shape[1] * pool_size[0], y.shape[2] * pool_size[1],
-           y.shape[3]]), z.shape)
+      dz = pooling.unpool(dy * tf.cast(y > 0, dy.dtype),
+                          winners_mask(winners, pool_size, dy.dtype),
+                          z.shape)
       d_kernel = tf.compat.v1.nn.conv2d_backprop_filter(
           images, tf.shape(kernel), dz, [1, 1, 1, 1], "SAME")
       return d_images, d_kernel, tf.reduce_sum(dz, axis=[0, 1, 2])

@@ -349,7 +349,7 @@ def _build(model, prepared):
               block[1].padding, block[1].data_format)):
         continue
       kernel, shift = few_channels_weights
-      if (not varying_batch and kernel.shape[2] == 1 and
+      if (not varying_batch and first_block.gray(kernel) and
           first_block.BLOCK == "xla"):
         # The block as one operation, run where its pool was.
         operations[key] = _identity

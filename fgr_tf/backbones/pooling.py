@@ -71,7 +71,7 @@ def _pool_sum(values, mask):
                        axis=[2, 4])
 
 
-def _unpool(dy, mask, input_shape):
+def unpool(dy, mask, input_shape):
   """dy [B, Ho, Wo, C] routed to the mask's elements: [B, H, W, C]."""
   ph, pw = mask.shape[2], mask.shape[4]
   routed = tf.reshape(mask * dy[:, :, None, :, None, :],
@@ -106,9 +106,9 @@ LOOP_GRADIENT = environment.choice("FGR_TF_POOL_LOOP_GRADIENT", "xla",
 
 @tf.function(jit_compile=True)
 def _unpool_by_xla(x, y, dy, size):
-  """`_unpool(dy, first_max_mask(...))` compiled by XLA (on CPU a few
+  """`unpool(dy, first_max_mask(...))` compiled by XLA (on CPU a few
   fused loops instead of ~15 full-size TF ops)."""
-  return _unpool(dy, first_max_mask(windows(x, size), y), x.shape)
+  return unpool(dy, first_max_mask(windows(x, size), y), x.shape)
 
 
 # How the second derivative (the derivative of the first, linear in its
@@ -141,7 +141,7 @@ PFOR_MASK = True
 
 
 def _unpool_same_shape(dy, full_mask):
-  """`_unpool` as 4-d ops (pfor adds a dimension, and TF's broadcasting
+  """`unpool` as 4-d ops (pfor adds a dimension, and TF's broadcasting
   kernels take at most 5: a 5-d form failed under pfor too): dy repeated
   over each window, times the [B, H, W, C] mask."""
   ph = full_mask.shape[1] // dy.shape[1]
@@ -206,14 +206,14 @@ def max_pool(x, size=(2, 2)):
       return tf.stop_gradient(first_max_mask(windows(x, size), y))
 
     def full_mask():  # [B, H, W, C], zero outside the windows
-      return _unpool(tf.ones_like(y), mask(), x.shape)
+      return unpool(tf.ones_like(y), mask(), x.shape)
 
     @tf.custom_gradient
     def first_derivative(dy):
       if PFOR_MASK and in_pfor():
         dx = _unpool_same_shape(dy, full_mask())
       elif not _native_first_derivative():
-        dx = _unpool(dy, mask(), x.shape)
+        dx = unpool(dy, mask(), x.shape)
       elif LOOP_GRADIENT == "xla" and _in_while_loop():
         dx = _unpool_by_xla(x, y, dy, size)
       else:
