@@ -231,6 +231,18 @@ class FGRModel(keras.Model):
       self.optimizer.build(self.trainable_variables)
 
   def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    if self._distribute_strategy is None:
+      # Without a strategy Keras defers building the optimizer and the
+      # metrics to the first trace of the step function; variables created
+      # there make tf.function trace the step a second time (the FGR step's
+      # trace is seconds long). Build before, from shapes: the dataset's
+      # element spec (no batch is consumed) or the given batch.
+      if data_batch is None and iterator is not None:
+        dataset = getattr(iterator, "_distributed_dataset", None)
+        data_batch = getattr(dataset, "element_spec", None)
+      if data_batch is not None:
+        self._symbolic_build(data_batch=data_batch)
+      return
     # Keras 3 (up to 3.15 at least) builds from a batch it gets by
     # strategy.reduce("MEAN", per_replica_batch), which fails under
     # MultiWorkerMirroredStrategy (keras-team/keras#20585). Building needs

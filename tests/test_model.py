@@ -149,6 +149,47 @@ def test_evaluate_and_predict_use_the_backbone():
   assert_close_float32(results["loss"], ce, INFERENCE_REDUCTION, LAYERS + 1)
 
 
+class CountingModel(fgr_tf.FGRModel):
+  """Counts the Python calls of the steps: one per trace."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.traces = {"train": 0, "test": 0}
+
+  def train_step(self, data):
+    self.traces["train"] += 1
+    return super().train_step(data)
+
+  def test_step(self, data):
+    self.traces["test"] += 1
+    return super().test_step(data)
+
+
+@pytest.mark.parametrize("source", ["arrays", "dataset", "train_on_batch"])
+def test_each_step_is_traced_once(source):
+  # Keras builds the optimizer and metrics inside the first trace when no
+  # strategy is set, and tf.function then traces the step again.
+  images, labels = tiny_data()
+  model = CountingModel(tiny_backbone(), fgr_lambda=10.0)
+  model.compile(optimizer=keras.optimizers.SGD(LR, momentum=0.9),
+                metrics=["accuracy"])
+  if source == "train_on_batch":
+    for _ in range(2):
+      model.train_on_batch(images, labels)
+    model.test_on_batch(images, labels)
+  else:
+    x, y, batch_size = images, labels, 4
+    if source == "dataset":
+      x = tf.data.Dataset.from_tensor_slices((images, labels)).batch(4)
+      y = batch_size = None
+    model.fit(x, y, batch_size=batch_size, epochs=2, verbose=0,
+              validation_data=x if y is None else (x, y))
+    model.evaluate(x, y, batch_size=batch_size, verbose=0)
+  assert model.traces == {"train": 1, "test": 1}
+  assert model.optimizer.iterations.numpy() == (2 if source ==
+                                                "train_on_batch" else 4)
+
+
 def test_save_and_load_round_trip(tmp_path):
   images, labels = tiny_data()
   model = fgr_tf.FGRModel(tiny_backbone(), fgr_lambda=300.0, rs_sigma=0.02,
