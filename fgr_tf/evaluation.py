@@ -104,7 +104,30 @@ def evaluate(model, data, attacks, batch_size=256, max_examples=None,
     "robust_accuracy_at_px"
     {budget: accuracy}}}}.
   """
+  return _evaluate(model, data, attacks, batch_size, max_examples,
+                   budgets_px, 0)[0]
+
+
+def evaluate_with_gallery(model, data, attacks, gallery_size, batch_size=256,
+                          max_examples=None, budgets_px=BUDGETS_PX):
+  """`evaluate` and, from the same attack runs, the `gallery` dict of the
+  first `gallery_size` images (no attack runs again: the pictures show
+  what was scored).
+
+  Returns:
+    (results as `evaluate`, gallery as `gallery`, or None if gallery_size
+    is 0).
+  """
+  return _evaluate(model, data, attacks, batch_size, max_examples,
+                   budgets_px, gallery_size)
+
+
+def _evaluate(model, data, attacks, batch_size, max_examples, budgets_px,
+              gallery_size):
+  """`evaluate`'s results and the gallery of its first `gallery_size`
+  images (None if 0)."""
   attack_list = attacks_lib.resolve(attacks)
+  shown = []
   correct_all = []
   per_attack = {a.label: dict(adv_correct=[], success=[], t_norm=[],
                               iterations=[], seconds=0.0)
@@ -131,9 +154,10 @@ def evaluate(model, data, attacks, batch_size=256, max_examples=None,
     logits = folding.inference_function(model)(images)
     correct = (np.argmax(logits, -1) == labels.numpy())
     correct_all.append(correct)
+    batch_results = {}
     for attack in attack_list:
       start = time.perf_counter()
-      result = attack(model, images, labels)
+      result = batch_results[attack.label] = attack(model, images, labels)
       success = result.success.numpy()
       record = per_attack[attack.label]
       record["seconds"] += time.perf_counter() - start
@@ -145,17 +169,25 @@ def evaluate(model, data, attacks, batch_size=256, max_examples=None,
       logging.info("%s: %d images attacked, %.3f s/image so far",
                    attack.label, seen + len(images),
                    record["seconds"] / (seen + len(images)))
+    wanted = gallery_size - sum(len(part["images"]) for part in shown)
+    if wanted > 0:
+      shown.append(_shown(images, labels, logits, batch_results, wanted))
     seen += len(images)
     if max_examples is not None and seen >= max_examples:
       break
   if not seen:
     raise errors.UserError("evaluate received no examples.")
   correct = np.concatenate(correct_all)
-  return {"num_examples": int(seen),
-          "clean_accuracy": float(correct.mean()),
-          "correct": [bool(c) for c in correct],
-          "attacks": {a.label: _summary(a, correct, per_attack[a.label], seen,
-                                        budgets_px) for a in attack_list}}
+  results = {"num_examples": int(seen),
+             "clean_accuracy": float(correct.mean()),
+             "correct": [bool(c) for c in correct],
+             "attacks": {a.label: _summary(a, correct, per_attack[a.label],
+                                           seen, budgets_px)
+                         for a in attack_list}}
+  if not shown:
+    return results, None
+  return results, {key: np.concatenate([part[key] for part in shown])
+                   for key in shown[0]}
 
 
 def gallery(model, images, labels, attacks):
@@ -174,14 +206,22 @@ def gallery(model, images, labels, attacks):
   """
   images = tf.cast(images, tf.float32)
   labels = tf.cast(labels, tf.int32)
-  out = {"images": images.numpy(), "labels": labels.numpy(),
-         "predictions": np.argmax(
-             folding.inference_function(model)(images), -1)}
-  for attack in attacks_lib.resolve(attacks):
-    result = attack(model, images, labels)
-    out[f"{attack.label}/adv_images"] = result.adv_images.numpy()
-    out[f"{attack.label}/flow"] = result.flow.numpy()
-    out[f"{attack.label}/predictions"] = np.argmax(result.adv_logits, -1)
-    out[f"{attack.label}/t_norm"] = result.t_norm.numpy()
-    out[f"{attack.label}/success"] = result.success.numpy()
+  logits = folding.inference_function(model)(images)
+  return _shown(images, labels, logits,
+                {a.label: a(model, images, labels)
+                 for a in attacks_lib.resolve(attacks)}, len(images))
+
+
+def _shown(images, labels, logits, results, count):
+  """The gallery dict of the first `count` images of a batch: its images,
+  labels, clean `logits` and {label: `AttackResult`}."""
+  out = {"images": np.asarray(images)[:count],
+         "labels": np.asarray(labels)[:count],
+         "predictions": np.argmax(logits, -1)[:count]}
+  for label, result in results.items():
+    out[f"{label}/adv_images"] = result.adv_images.numpy()[:count]
+    out[f"{label}/flow"] = result.flow.numpy()[:count]
+    out[f"{label}/predictions"] = np.argmax(result.adv_logits, -1)[:count]
+    out[f"{label}/t_norm"] = result.t_norm.numpy()[:count]
+    out[f"{label}/success"] = result.success.numpy()[:count]
   return out

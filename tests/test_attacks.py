@@ -236,6 +236,42 @@ def test_evaluate_reports_json_serializable_results(baseline):
   assert "| baseline | flow_pgd@small |" in table
 
 
+def test_evaluation_gallery_is_what_was_scored(baseline):
+  # 6 images from batches of 4: all of the first batch, 2 of the second.
+  images, labels = synthetic.shapes(10, seed=6)
+  attack_specs = {"flow_pgd": dict(epsilon=0.05, steps=3),
+                  "adef": dict(max_iter=3)}
+  results, shown = fgr_tf.evaluation.evaluate_with_gallery(
+      baseline, (images, labels), attack_specs, 6, batch_size=4)
+  alone = fgr_tf.evaluation.evaluate(baseline, (images, labels),
+                                     attack_specs, batch_size=4)
+  for entry in (results, alone):
+    for attack in entry["attacks"].values():
+      attack.pop("seconds_per_image")
+  assert results == alone
+  np.testing.assert_array_equal(shown["images"], images[:6])
+  np.testing.assert_array_equal(shown["labels"], labels[:6])
+  np.testing.assert_array_equal(shown["predictions"] == labels[:6],
+                                results["correct"][:6])
+  # The same batches attacked alone give the same arrays, bit for bit.
+  parts = [fgr_tf.evaluation.gallery(baseline, images[:4], labels[:4],
+                                     attack_specs),
+           fgr_tf.evaluation.gallery(baseline, images[4:8], labels[4:8],
+                                     attack_specs)]
+  assert set(shown) == set(parts[0]) and len(shown) == 3 + 2 * 5
+  for key, value in shown.items():
+    np.testing.assert_array_equal(
+        value, np.concatenate([parts[0][key], parts[1][key][:2]]), key)
+  scored = results["attacks"]["adef"]["t_norms"][:6]
+  fooled = shown["adef/success"] & (shown["predictions"] == labels[:6])
+  assert [t is not None for t in scored] == list(fooled)
+  np.testing.assert_allclose([t for t in scored if t is not None],
+                             shown["adef/t_norm"][fooled], rtol=1e-7)
+  _, none = fgr_tf.evaluation.evaluate_with_gallery(
+      baseline, (images, labels), ["flow_pgd"], 0)
+  assert none is None
+
+
 def test_robustness_callback_writes_epoch_logs(tmp_path):
   images, labels = synthetic.shapes(64, size=16, seed=0)
   strategy = fgr_tf.distribute.get_strategy("mirrored")

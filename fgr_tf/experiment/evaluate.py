@@ -38,8 +38,8 @@ def evaluate_workdir(config, workdir, checkpoint="best", output=None,
   """Evaluates `workdir/<checkpoint>.keras` on the test split.
 
   Writes `results.json` (the `evaluate` dict, each attack with its
-  settings) and `gallery.npz` (what each attack does to the first few test
-  images, for `fgr-plot`).
+  settings) and `gallery.npz` (what each attack did to the first few test
+  images in that evaluation, for `fgr-plot`).
 
   Args:
     config: the experiment's ConfigDict (data and eval sections).
@@ -66,13 +66,12 @@ def evaluate_workdir(config, workdir, checkpoint="best", output=None,
       num_examples=config.eval.num_examples)
   images = data_lib.to_unit_float(images).numpy()
   attacks = attacks_from_config(config.eval)
-  results = evaluation.evaluate(model, (images, labels), attacks,
-                                batch_size=config.eval.batch_size)
+  results, shown = evaluation.evaluate_with_gallery(
+      model, (images, labels), attacks, GALLERY_IMAGES,
+      batch_size=config.eval.batch_size)
   results["checkpoint"] = path
   results["fgr_lambda"] = getattr(model, "fgr_lambda", None)
   results["config"] = json.loads(config.to_json_best_effort())
-  shown = evaluation.gallery(model, images[:GALLERY_IMAGES],
-                             labels[:GALLERY_IMAGES], attacks)
   files.replace_atomically(os.path.join(workdir, "gallery.npz"),
                            lambda tmp: np.savez_compressed(tmp, **shown),
                            suffix=".npz")
