@@ -14,6 +14,7 @@ import fgr_tf
 from bench import attacks
 from bench import batch_norm
 from bench import conv
+from bench import first_fit
 from bench import flop_bound
 from bench import profile_ops
 from bench import steps
@@ -156,6 +157,13 @@ def test_flop_bound_counts_vgg11_by_hand():
   rates = flop_bound.bound_images_per_s(by_hand, 100.0)
   assert rates["eval"] == 100e9 / by_hand
   assert rates["fgr"] * 6 == rates["eval"] == rates["flow_pgd"] * 20
+
+
+def test_first_fit_bench_counts_one_trace():
+  result = first_fit.run("small_cnn", batch=4, size=8, channels=1, classes=3,
+                         fgr_lambda=10.0)
+  assert result["traces"] == 1
+  assert result["first_s"] > 0 and result["second_s"] > 0
 
 
 @pytest.mark.parametrize("module", _MAINS)

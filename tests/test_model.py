@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from bench import first_fit
 import fgr_tf
 from fgr_tf import regularizers
 from helpers import TINY_BN_ZERO_GRADIENT, assert_close_float32
@@ -149,28 +150,12 @@ def test_evaluate_and_predict_use_the_backbone():
   assert_close_float32(results["loss"], ce, INFERENCE_REDUCTION, LAYERS + 1)
 
 
-class CountingModel(fgr_tf.FGRModel):
-  """Counts the Python calls of the steps: one per trace."""
-
-  def __init__(self, *args, **kwargs):
-    super().__init__(*args, **kwargs)
-    self.traces = {"train": 0, "test": 0}
-
-  def train_step(self, data):
-    self.traces["train"] += 1
-    return super().train_step(data)
-
-  def test_step(self, data):
-    self.traces["test"] += 1
-    return super().test_step(data)
-
-
 @pytest.mark.parametrize("source", ["arrays", "dataset", "train_on_batch"])
 def test_each_step_is_traced_once(source):
   # Keras builds the optimizer and metrics inside the first trace when no
   # strategy is set, and tf.function then traces the step again.
   images, labels = tiny_data()
-  model = CountingModel(tiny_backbone(), fgr_lambda=10.0)
+  model = first_fit.CountingFGRModel(tiny_backbone(), fgr_lambda=10.0)
   model.compile(optimizer=keras.optimizers.SGD(LR, momentum=0.9),
                 metrics=["accuracy"])
   if source == "train_on_batch":
