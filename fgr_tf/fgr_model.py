@@ -125,6 +125,7 @@ class FGRModel(keras.Model):
     self.adversary = adversary
     self.seed = int(seed)
     self.allow_tf32 = bool(allow_tf32)
+    self._training_call = False  # inside fit / train_on_batch
     self.ce_tracker = keras.metrics.Mean(name="ce")
     self.fgr_tracker = (keras.metrics.Mean(name="fgr_penalty")
                         if self.fgr_lambda > 0 else None)
@@ -199,8 +200,9 @@ class FGRModel(keras.Model):
     return x
 
   def _run(self, method, *args, **kwargs):
-    """Runs keras.Model.`method` in the training context; a failed input
-    check surfaces as a one-line UserError."""
+    """Runs keras.Model.`method` (fit or train_on_batch) in the training
+    context; a failed input check surfaces as a one-line UserError."""
+    self._training_call = True
     try:
       with self._training_context():
         return method(*args, **kwargs)
@@ -209,6 +211,8 @@ class FGRModel(keras.Model):
       if message is None:
         raise
       raise errors.UserError(message) from e
+    finally:
+      self._training_call = False
 
   def fit(self, x=None, y=None, *args, **kwargs):
     """keras.Model.fit, with TF32 off while the penalties train (see
@@ -235,9 +239,16 @@ class FGRModel(keras.Model):
       # Without a strategy Keras defers building the optimizer and the
       # metrics to the first trace of the step function; variables created
       # there make tf.function trace the step a second time (the FGR step's
-      # trace is seconds long). Build before, from shapes: the dataset's
-      # element spec (no batch is consumed) or the given batch.
-      if data_batch is None and iterator is not None:
+      # trace is seconds long). When training, build before, from shapes:
+      # the dataset's element spec (no batch is consumed) or the given
+      # batch. Not in evaluate / test_on_batch: that would build the
+      # optimizer for the variables trainable then, not at the first fit.
+      if not self._training_call:
+        return
+      if data_batch is not None:  # train_on_batch: (x, y, sample_weight)
+        data_batch = tuple(v if v is None or hasattr(v, "shape") else
+                           np.asarray(v) for v in data_batch)
+      elif iterator is not None:
         dataset = getattr(iterator, "_distributed_dataset", None)
         data_batch = getattr(dataset, "element_spec", None)
       if data_batch is not None:

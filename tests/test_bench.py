@@ -163,7 +163,6 @@ def test_first_fit_bench_counts_one_trace():
   result = first_fit.run("small_cnn", batch=4, size=8, channels=1, classes=3,
                          fgr_lambda=10.0)
   assert result["traces"] == 1
-  assert result["first_s"] > 0 and result["second_s"] > 0
 
 
 @pytest.mark.parametrize("module", _MAINS)

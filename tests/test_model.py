@@ -175,6 +175,27 @@ def test_each_step_is_traced_once(source):
                                                 "train_on_batch" else 4)
 
 
+def test_building_before_the_trace_keeps_kerass_behaviour():
+  images, labels = tiny_data()
+  # evaluate leaves the optimizer unbuilt: variables made trainable
+  # afterwards are trained by the next fit, as with keras.Model.
+  backbone = tiny_backbone()
+  backbone.get_layer("dense").trainable = False
+  model = fgr_tf.FGRModel(backbone, fgr_lambda=10.0)
+  model.compile(optimizer=sgd())
+  model.evaluate(images, labels, verbose=0)
+  assert not model.optimizer.built
+  backbone.get_layer("dense").trainable = True
+  before = backbone.get_layer("dense").get_weights()[0]
+  fit_one_step(model, images, labels)
+  assert np.any(backbone.get_layer("dense").get_weights()[0] != before)
+  # train_on_batch takes labels as a Python list.
+  model = fgr_tf.FGRModel(tiny_backbone(), fgr_lambda=10.0)
+  model.compile(optimizer=sgd())
+  logs = model.train_on_batch(images, labels.tolist(), return_dict=True)
+  assert np.isfinite(logs["loss"])
+
+
 def test_save_and_load_round_trip(tmp_path):
   images, labels = tiny_data()
   model = fgr_tf.FGRModel(tiny_backbone(), fgr_lambda=300.0, rs_sigma=0.02,
