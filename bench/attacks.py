@@ -253,19 +253,13 @@ def time_paired(models, attack, settings, images, labels, switch, rounds,
         models[setting], images[:count], labels[:count],
         jit_compile=jit_compile).success.numpy()
 
-  seconds = {"on": [], "off": []}
   try:
     for setting in ("on", "off"):
       for count in (4, 8, None):
         call(setting, count)
-    for round_ in range(rounds):
-      for setting in ("on", "off") if round_ % 2 == 0 else ("off", "on"):
-        start = time.perf_counter()
-        call(setting)
-        seconds[setting].append(time.perf_counter() - start)
+    return switches.alternate(call, rounds)
   finally:
     switches.SWITCHES[switch]["on"]()
-  return seconds
 
 
 def format_paired(name, attack, seconds, batch):

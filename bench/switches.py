@@ -156,23 +156,35 @@ def run_paired(switch, modes, model_name="vgg11", batch=128, size=32,
   both models see the same minutes of a noisy machine."""
   check(switch)
   images, labels = steps.synthetic_batch(batch, size, channels, classes)
-  times = {mode: {"on": [], "off": []} for mode in modes}
+  times = {}
   try:
     for mode in modes:
       step_of = {setting: _traced_step(switch, setting, mode, model_name,
                                        classes, images, labels)
                  for setting in ("on", "off")}
-      for round_ in range(rounds):
-        for setting in (("on", "off") if round_ % 2 == 0 else
-                        ("off", "on")):
-          start = time.perf_counter()
-          for _ in range(calls):
-            step_of[setting]()
-          times[mode][setting].append(
-              (time.perf_counter() - start) / calls * 1e3)
+
+      def call(setting, step_of=step_of):
+        for _ in range(calls):
+          step_of[setting]()
+
+      times[mode] = {setting: [s / calls * 1e3 for s in seconds]
+                     for setting, seconds in alternate(call, rounds).items()}
   finally:
     SWITCHES[switch]["on"]()  # the defaults
   return times
+
+
+def alternate(call, rounds):
+  """{"on": [s], "off": [s]}: the seconds of `call(setting)` for each
+  setting in `rounds` rounds, alternating which goes first (both see the
+  same minutes of a noisy machine)."""
+  seconds = {"on": [], "off": []}
+  for round_ in range(rounds):
+    for setting in ("on", "off") if round_ % 2 == 0 else ("off", "on"):
+      start = time.perf_counter()
+      call(setting)
+      seconds[setting].append(time.perf_counter() - start)
+  return seconds
 
 
 def format_times(times):
