@@ -21,11 +21,13 @@ venv: $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 QUIET_TF = 2>&1 | grep --line-buffered -v -E '^(I0000|W0000|E0000|WARNING: All log messages before absl)'; exit $${PIPESTATUS[0]}
 
+# --dist loadscope: each test module on one worker, so its module fixtures
+# (trained models) are built once, not once per worker.
 test: venv
-	$(PY) -m pytest -n 2 -q $(QUIET_TF)
+	$(PY) -m pytest -n 2 --dist loadscope -q $(QUIET_TF)
 
 test-fast: venv
-	$(PY) -m pytest -n 2 -q -m "not slow" $(QUIET_TF)
+	$(PY) -m pytest -n 2 --dist loadscope -q -m "not slow" $(QUIET_TF)
 
 bench: venv
 	$(PY) -m bench.steps --model vgg11 --batch 128 --repeats 8

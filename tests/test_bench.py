@@ -64,14 +64,29 @@ def test_switches_bench_runs_and_restores_the_defaults(switch):
   assert all(len(ms) == 1 and ms[0] > 0 for by_setting in times.values()
              for ms in by_setting.values())
   assert "mean off / mean on" in switches.format_times(times)
-  paired = switches.run_paired(switch, ["fgr"], "small_cnn", batch=2, size=8,
-                               channels=1, classes=3, rounds=2, calls=1)
+  _assert_defaults()
+
+
+def test_paired_switch_rounds_alternate_and_restore_the_defaults():
+  """`--paired_rounds`: one trace per setting, then alternating rounds
+  (the same for every switch: `switches.alternate`)."""
+  paired = switches.run_paired("bn_second", ["fgr"], "small_cnn", batch=2,
+                               size=8, channels=1, classes=3, rounds=2,
+                               calls=1)
   assert all(len(ms) == 2 and min(ms) > 0 for ms in paired["fgr"].values())
   assert "off / on per round" in switches.format_times(paired)
+  _assert_defaults()
+  order = []
+  switches.alternate(order.append, 3)
+  assert order == ["on", "off", "off", "on", "on", "off"]
+
+
+def _assert_defaults():
   assert fgr_tf.backbones.pooling.LOOP_GRADIENT == "xla"
   assert fgr_tf.backbones.pooling.SECOND_DERIVATIVE == "xla"
   assert fgr_tf.backbones.train_batch_norm.ELEMENTWISE == "xla"
   assert fgr_tf.attacks.common.DEFORM_BY_XLA
+  assert importlib.import_module("fgr_tf.attacks.adef").FIRST_BLOCK == "xla"
   assert "FGR_TF_FOLD_BATCHNORM" not in os.environ
 
 
