@@ -111,6 +111,7 @@ def test_layer_takes_the_matmul_path_only_on_small_maps():
   assert "Conv2D" in _op_types(strided, (4, 4, 3))
 
 
+@pytest.mark.bfloat16_kernels
 def test_layer_with_unknown_batch_and_mixed_precision():
   rng = np.random.default_rng(0)
   images = rng.normal(size=(5, 2, 2, 3)).astype(np.float32)

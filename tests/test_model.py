@@ -243,7 +243,9 @@ def test_jit_compile_auto_is_off_on_cpu():
     assert model.jit_compile is False
 
 
-@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("policy", [
+    "mixed_float16",
+    pytest.param("mixed_bfloat16", marks=pytest.mark.bfloat16_kernels)])
 def test_mixed_precision_keeps_the_penalty_in_float32(policy):
   images, labels = tiny_data(size=16, channels=3)
   backbone = fgr_tf.backbones.build("small_cnn", 3, (16, 16, 3), dtype=policy)
