@@ -23,11 +23,13 @@ QUIET_TF = 2>&1 | grep --line-buffered -v -E '^(I0000|W0000|E0000|WARNING: All l
 
 # --dist loadscope: each test module on one worker, so its module fixtures
 # (trained models) are built once, not once per worker.
+PYTEST = $(PY) -m pytest -n 2 --dist loadscope -q
+
 test: venv
-	$(PY) -m pytest -n 2 --dist loadscope -q $(QUIET_TF)
+	$(PYTEST) $(QUIET_TF)
 
 test-fast: venv
-	$(PY) -m pytest -n 2 --dist loadscope -q -m "not slow" $(QUIET_TF)
+	$(PYTEST) -m "not slow" $(QUIET_TF)
 
 bench: venv
 	$(PY) -m bench.steps --model vgg11 --batch 128 --repeats 8

@@ -1,4 +1,6 @@
-"""Shared test setup: quiet TF, two logical CPUs for tf.distribute tests."""
+"""Shared test setup: quiet TF, two logical CPUs for tf.distribute tests,
+bfloat16 kernel tests skipped (with the reason) where an ISA cap makes
+oneDNN abort on them."""
 
 import os
 import pathlib
@@ -28,36 +30,26 @@ def load_npz(name):
     return {k: f[k] for k in f.files}
 
 
-# The longest test modules, longest first (seconds of test time measured with
-# `pytest --durations=0` on 2 cores). `make test` distributes whole modules
-# (`--dist loadscope`) in collection order: starting with the long ones
-# keeps a long module from running alone at the end while the other worker
-# idles. Modules not listed keep their order, after these.
-_LONGEST_FIRST = ("test_bench", "test_attacks", "test_exactness",
-                  "test_workflow", "test_sweep", "test_attacks_xla",
-                  "test_folding", "test_determinism", "test_apps",
-                  "test_faults", "test_gemm_conv", "test_model")
-
-
 def _onednn_cap_hides_bfloat16():
-  """True when ONEDNN_MAX_CPU_ISA caps oneDNN below the CPU's bfloat16
-  instructions (an AVX-512-BF16 or AMX CPU standing in for an AVX2 one):
-  TensorFlow still sends bfloat16 ops to oneDNN, which cannot make them
-  under the cap and aborts the process. A real AVX2 CPU runs them (by
-  Eigen)."""
-  cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-  if not cap or cap == "ALL" or "BF16" in cap or "AMX" in cap:
-    return False
+  """True when ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA) caps oneDNN at an
+  ISA without bfloat16 on a CPU for which TensorFlow sends bfloat16 ops to
+  oneDNN (AVX-512 or AVX-NE-CONVERT: an AVX-512 CPU standing in for an
+  AVX2 one): oneDNN cannot make them under the cap and aborts the
+  process. A real AVX2 CPU runs them (by Eigen)."""
+  cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or
+         os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
   try:
-    cpu_flags = pathlib.Path("/proc/cpuinfo").read_text().split()
+    cpu_flags = set(pathlib.Path("/proc/cpuinfo").read_text().split())
   except OSError:
     return False
-  return "avx512_bf16" in cpu_flags or "amx_bf16" in cpu_flags
+  without_bfloat16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI"}
+  if "avx_ne_convert" not in cpu_flags:
+    without_bfloat16.add("AVX2_VNNI_2")
+  return cap in without_bfloat16 and bool(
+      {"avx512f", "avx_ne_convert"} & cpu_flags)
 
 
 def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
   if _onednn_cap_hides_bfloat16():
     skip = pytest.mark.skip(reason=(
         "ONEDNN_MAX_CPU_ISA hides this CPU's bfloat16 from oneDNN, which "

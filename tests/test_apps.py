@@ -74,8 +74,12 @@ def test_a_user_error_is_one_line_and_exit_1():
 
 def test_a_bug_keeps_its_traceback():
   """A plain ValueError (or any other error we did not raise on purpose)
-  is a bug: it must not look like a user's mistake. OSError: the parent
-  of DataNotFoundError (a user error), itself a bug."""
+  is a bug: it must not look like a user's mistake. OSError and
+  RuntimeError are the parents of DataNotFoundError and TrainingDiverged
+  (user errors), themselves bugs (RuntimeError checked without a process:
+  its path through `apps.run` is ValueError's)."""
+  assert not any(issubclass(error, errors.ONE_LINE_ERRORS)
+                 for error in (ValueError, RuntimeError, OSError))
   for error in ("ValueError('a bug')", "OSError('a bug')"):
     proc = _run_main_raising(error)
     assert proc.returncode == 1
